@@ -1,0 +1,186 @@
+"""The Llama family in Flax NNX: Llama 2/3/3.1, Mistral and Qwen2/2.5.
+
+The three architectures share one decoder; the differences are config
+switches (Qwen2's q/k/v biases, Mistral's sliding window, Llama-3.1's rope
+scaling, tied embeddings, an explicit ``head_dim``). Parameter names and
+shapes mirror the Hugging Face checkpoint (``weight`` is ``[out, in]``), so
+the loader maps a safetensors name to a parameter path by splitting on dots.
+
+The forward pass runs a flat batch of ``T`` tokens from any number of
+sequences: attention inputs (positions, the per-layer KV cache, and the
+`AttentionMetadata`) are explicit arguments, and the updated cache is
+returned, never stored on the module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jpaged.attention import AttentionMetadata, paged_attention
+from jpaged.config import ModelConfig
+
+KVCache = list  # [(k_cache, v_cache)] per layer, see jpaged.attention
+
+
+def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * std
+
+
+class Linear(nnx.Module):
+    """``y = x @ weight.T + bias`` with the checkpoint's ``[out, in]`` layout."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_init(rngs, (d_out, d_in), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x):  # [T, in] -> [T, out]
+        y = jnp.einsum("ti,oi->to", x, self.weight[...])
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 and cast back before the weight, as in HF."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):  # [T, dim]
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        x = (x32 * jax.lax.rsqrt(var + self.eps)).astype(dtype)
+        return self.weight[...] * x
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float32), with rope scaling."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    inv = inv.astype(np.float32)
+    sc = cfg.rope_scaling_dict
+    if sc is None:
+        return inv
+    if sc["rope_type"] == "linear":
+        return (inv / np.float32(sc["factor"])).astype(np.float32)
+    # "llama3": leave high frequencies, divide low ones by `factor`, blend between.
+    factor = sc["factor"]
+    low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+    old_len = sc.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE. x: [T, heads, head_dim]; positions: [T]."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
+    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]
+    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        h, d, dt = cfg.hidden_size, cfg.head_dim, cfg.jnp_dtype
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, d)
+        self.q_proj = Linear(h, self.num_heads * d, cfg.attention_bias, dt, rngs)
+        self.k_proj = Linear(h, self.num_kv_heads * d, cfg.attention_bias, dt, rngs)
+        self.v_proj = Linear(h, self.num_kv_heads * d, cfg.attention_bias, dt, rngs)
+        self.o_proj = Linear(self.num_heads * d, h, False, dt, rngs)
+        self.scale = d ** -0.5
+        self.sliding_window = cfg.sliding_window
+
+    def __call__(self, x, positions, inv_freq, kv_cache, md: AttentionMetadata):
+        t = x.shape[0]
+        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        out, kv_cache = paged_attention(q, k, v, kv_cache, md, scale=self.scale,
+                                        sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(t, -1)), kv_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        h, i, b, dt = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.jnp_dtype
+        self.gate_proj = Linear(h, i, b, dt, rngs)
+        self.up_proj = Linear(h, i, b, dt, rngs)
+        self.down_proj = Linear(i, h, b, dt, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                                cfg.jnp_dtype)
+
+    def __call__(self, x, positions, inv_freq, kv_cache, md):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq,
+                                     kv_cache, md)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_init(rngs, (vocab, dim), dtype))
+
+    def __call__(self, ids):  # [T] -> [T, dim]
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.jnp_dtype, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Decoder-only LM; also serves MistralForCausalLM and Qwen2ForCausalLM."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = LlamaModel(cfg, rngs)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Linear(cfg.hidden_size, cfg.vocab_size, False, cfg.jnp_dtype, rngs))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [T] int32
+        positions: jax.Array,  # [T] int32
+        kv_caches: KVCache,
+        md: AttentionMetadata,
+    ) -> tuple[jax.Array, KVCache]:  # ([T, hidden], kv_caches)
+        x = self.model.embed_tokens(input_ids)
+        inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a trace-time constant
+        new_caches = []
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x, kv = layer(x, positions, inv_freq, kv, md)
+            new_caches.append(kv)
+        return self.model.norm(x), new_caches
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:  # [N, hidden] -> [N, V] f32
+        w = (self.model.embed_tokens.weight if self.lm_head is None
+             else self.lm_head.weight)[...]
+        return jnp.einsum("nh,vh->nv", hidden, w).astype(jnp.float32)
