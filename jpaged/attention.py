@@ -90,9 +90,13 @@ def paged_attention(
         interpret = jax.default_backend() != "gpu"
         if md.decode_only:
             from jpaged.pallas_kernels.decode import paged_decode_attention
+            # One token per sequence: token i is sequence i. The token bucket
+            # may exceed the sequence count; the extra tokens are padding.
+            num_seqs = md.block_tables.shape[0]
             out = paged_decode_attention(
-                q, k_cache, v_cache, md.block_tables, md.context_lens,
+                q[:num_seqs], k_cache, v_cache, md.block_tables, md.context_lens,
                 scale=scale, sliding_window=sliding_window, interpret=interpret)
+            out = jnp.pad(out, ((0, q.shape[0] - num_seqs), (0, 0), (0, 0)))
         else:
             from jpaged.pallas_kernels.ragged import ragged_paged_attention
             out = ragged_paged_attention(

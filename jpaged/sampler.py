@@ -1,0 +1,123 @@
+"""On-device sampling, vectorised over the rows of a step.
+
+One row per sample to draw (a request's last scheduled token; ``n``
+parallel samples of a prompt are ``n`` rows over the same hidden state).
+Order of operations, as in vLLM: penalties on the raw logits (repetition
+over prompt and output tokens; presence and frequency over output tokens),
+``min_tokens`` bans, then greedy rows take the argmax and the others divide
+by their temperature, apply top-k, top-p and min-p, and draw with the Gumbel
+trick from a key that depends only on the row's seed, its sample index and
+how many tokens it has generated: a request samples the same tokens alone or
+in any batch. Logprobs are those of the raw model distribution.
+
+Optional work (penalties, the sort for top-k/top-p, top logprobs) sits
+behind `lax.cond` on runtime flags, so one compiled step serves every mix of
+parameters and costs nothing when no row asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplingMetadata:
+    temperature: jax.Array  # [S] f32, 0 = greedy
+    top_k: jax.Array  # [S] i32, 0 = off
+    top_p: jax.Array  # [S] f32, 1 = off
+    min_p: jax.Array  # [S] f32, 0 = off
+    presence_penalty: jax.Array  # [S] f32
+    frequency_penalty: jax.Array  # [S] f32
+    repetition_penalty: jax.Array  # [S] f32
+    seeds: jax.Array  # [S, 2] u32 (low, high words of the request's seed)
+    sample_index: jax.Array  # [S] i32, which of a request's n samples
+    output_len: jax.Array  # [S] i32, tokens generated so far
+    prompt_len: jax.Array  # [S] i32
+    token_rows: jax.Array  # [S] i32, row of the token table holding the request's tokens
+    banned: jax.Array  # [S, B] i32 token ids banned this step (min_tokens); V pads
+    any_penalty: jax.Array  # [] bool
+    any_filter: jax.Array  # [] bool (some row uses top-k, top-p or min-p)
+    any_logprobs: jax.Array  # [] bool
+
+
+def _penalize(logits, md: SamplingMetadata, token_table):
+    """Apply repetition, presence and frequency penalties. logits: [S, V]."""
+    num_rows, vocab = logits.shape
+    toks = token_table[md.token_rows]  # [S, L]
+    pos = jnp.arange(toks.shape[1])[None, :]
+    total = md.prompt_len + md.output_len
+    rows = jnp.arange(num_rows)[:, None]
+    is_prompt = pos < md.prompt_len[:, None]
+    is_output = (pos >= md.prompt_len[:, None]) & (pos < total[:, None])
+    out_counts = jnp.zeros((num_rows, vocab), jnp.int32).at[rows, toks].add(
+        is_output.astype(jnp.int32), mode="drop")
+    in_prompt = jnp.zeros((num_rows, vocab), jnp.bool_).at[rows, toks].max(
+        is_prompt, mode="drop")
+    seen = in_prompt | (out_counts > 0)
+    rep = md.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - md.frequency_penalty[:, None] * out_counts
+    return logits - md.presence_penalty[:, None] * (out_counts > 0)
+
+
+def _filter(logits, md: SamplingMetadata):
+    """Mask tokens outside top-k / top-p / min-p with -inf. logits: [S, V] (tempered)."""
+    vocab = logits.shape[-1]
+    srt = jnp.sort(logits, axis=-1)[:, ::-1]  # [S, V] descending
+    k = jnp.where(md.top_k > 0, jnp.minimum(md.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)  # [S, 1]
+    srt = jnp.where(srt >= kth, srt, -jnp.inf)
+    probs = jax.nn.softmax(srt, axis=-1)
+    cum_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (cum_before < md.top_p[:, None]) & (probs >= md.min_p[:, None] * probs[:, :1])
+    keep = keep.at[:, 0].set(True)  # the most likely token always survives
+    cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def _row_keys(md: SamplingMetadata):
+    def one(seed, idx, n):
+        key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+        return jax.random.fold_in(jax.random.fold_in(key, idx), n)
+
+    return jax.vmap(one)(md.seeds, md.sample_index, md.output_len)
+
+
+def sample(
+    logits: jax.Array,  # [S, V] f32 raw model logits
+    md: SamplingMetadata,
+    token_table: jax.Array,  # [R, max_model_len] i32 per-row token history
+    num_logprobs: int,
+):
+    """Returns (tokens [S], sampled logprob [S], rank [S], top ids [S, K], top logprobs [S, K])."""
+    num_rows, vocab = logits.shape
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    x = jax.lax.cond(md.any_penalty, lambda l: _penalize(l, md, token_table),
+                     lambda l: l, logits)
+    rows = jnp.arange(num_rows)[:, None]
+    x = x.at[rows, md.banned].set(-jnp.inf, mode="drop")
+    greedy = md.temperature <= 1e-5
+    greedy_tokens = jnp.argmax(x, axis=-1)
+    x = x / jnp.where(greedy, 1.0, md.temperature)[:, None]
+    x = jax.lax.cond(md.any_filter, lambda l: _filter(l, md), lambda l: l, x)
+    keys = _row_keys(md)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
+    sampled = jnp.argmax(x + gumbel, axis=-1)
+    tokens = jnp.where(greedy, greedy_tokens, sampled).astype(jnp.int32)
+    tok_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(raw_logprobs > tok_lp[:, None], axis=-1).astype(jnp.int32) + 1
+
+    def top(lp):
+        vals, ids = jax.lax.top_k(lp, num_logprobs)
+        return ids.astype(jnp.int32), vals
+
+    def no_top(lp):
+        return (jnp.zeros((num_rows, num_logprobs), jnp.int32),
+                jnp.zeros((num_rows, num_logprobs), jnp.float32))
+
+    top_ids, top_lps = jax.lax.cond(md.any_logprobs, top, no_top, raw_logprobs)
+    return tokens, tok_lp, rank, top_ids, top_lps

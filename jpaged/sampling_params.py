@@ -1,0 +1,109 @@
+"""`SamplingParams`: how one request samples and when it stops (vLLM's fields).
+
+Every value is checked when the object is built; a bad one raises
+`ValueError` naming the field and the value, so that neither `LLM.generate`
+nor the server ever hands the engine something it cannot run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+_MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping parameters for one request.
+
+    ``temperature=0`` is greedy. ``top_k=0`` (or -1) and ``top_p=1`` disable
+    those filters; ``min_p=0`` disables min-p. ``logprobs=k`` returns the top
+    ``k`` alternatives of every sampled token (capped by the engine's
+    ``max_logprobs``).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    # Filled by the engine: the model's EOS ids (unless ignore_eos).
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._check()
+
+    def _check(self):
+        def bad(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
+
+        def number(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+            return v
+
+        def integer(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(name, "must be an integer")
+            return v
+
+        if integer("n") < 1:
+            bad("n", "must be at least 1")
+        if number("temperature") < 0:
+            bad("temperature", "must be >= 0")
+        if not 0 < number("top_p") <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if integer("top_k") < 0:
+            bad("top_k", "must be 0 or -1 (disabled) or positive")
+        if not 0 <= number("min_p") <= 1:
+            bad("min_p", "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= number(name) <= 2:
+                bad(name, "must be in [-2, 2]")
+        if not 0 < number("repetition_penalty") <= 10:
+            bad("repetition_penalty", "must be in (0, 10]")
+        if self.seed is not None and not 0 <= integer("seed") <= _MAX_SEED:
+            bad("seed", f"must be in [0, {_MAX_SEED}]")
+        if self.max_tokens is not None and integer("max_tokens") < 1:
+            bad("max_tokens", "must be at least 1")
+        if integer("min_tokens") < 0:
+            bad("min_tokens", "must be >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
+        if self.logprobs is not None and not 0 <= integer("logprobs"):
+            bad("logprobs", "must be >= 0")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                   for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def clone(self) -> "SamplingParams":
+        import copy
+
+        return copy.deepcopy(self)
