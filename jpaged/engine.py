@@ -120,7 +120,9 @@ class LLMEngine:
         if max_model_len > mc.max_position_embeddings and mc.rope_scaling is None:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
                              f"max_position_embeddings={mc.max_position_embeddings}")
-        max_tokens = config.max_num_batched_tokens or max(512, min(max_model_len, 2048))
+        # Default token budget: 2048 on GPUs, 512 on CPUs (compile time, cache size).
+        default_budget = 2048 if jax.default_backend() == "gpu" else 512
+        max_tokens = config.max_num_batched_tokens or max(default_budget, config.max_num_seqs)
         if config.max_num_seqs < 1 or max_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if max_tokens < config.max_num_seqs:
@@ -320,11 +322,12 @@ class LLMEngine:
                 group.metrics.num_preemptions = sum(r.num_preemptions for r in group.samples)
                 del self.groups[group.request_id]
             outputs.append(self._make_output(group, finished))
-        self.peak_kv_usage = max(self.peak_kv_usage, self.kv.usage)
         return outputs
 
     def _record_utilization(self) -> None:
-        """Share of allocated KV slots holding a token, at the busiest step."""
+        """Peak KV usage, and the share of allocated KV slots holding a token
+        at the busiest step (after this step's allocation, before it runs)."""
+        self.peak_kv_usage = max(self.peak_kv_usage, self.kv.usage)
         reqs = self.scheduler.running
         allocated = sum(len(self.kv.req_to_blocks.get(r.request_id, ())) for r in reqs)
         if not allocated:

@@ -1,0 +1,178 @@
+"""The ``jpaged`` command: ``generate`` (offline batch) and ``serve`` (HTTP).
+
+Engine flags are named as ``vllm serve`` names them, so a vLLM command line
+carries over. ``jpaged generate`` with no ``--model`` runs the built-in demo
+model (a tiny random-weight Llama built offline on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+ENGINE_FLAGS = ("model", "tokenizer", "dtype", "load_format", "seed", "block_size",
+                "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+                "num_kv_blocks", "gpu_memory_utilization", "enable_prefix_caching",
+                "scheduling_policy", "preemption_mode", "swap_space", "attention_backend",
+                "max_logprobs")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face model directory (default: the built-in demo model)")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32",
+                                                       "half", "float", "bf16", "fp16", "fp32"])
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy",
+                                                             "orbax"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True)
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    g.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
+    g.add_argument("--max-logprobs", type=int, default=20)
+
+
+def engine_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in ENGINE_FLAGS}
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults for every prompt)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", type=int, default=None)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "n",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "stop",
+                   "ignore_eos", "logprobs", "seed", "stop_token_ids",
+                   "include_stop_str_in_output", "skip_special_tokens")
+
+
+def _read_prompts(args) -> list[tuple[str, dict]]:
+    """(prompt, per-prompt sampling overrides) from --prompt and --prompts-file."""
+    items = [(p, {}) for p in (args.prompt or [])]
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if args.prompts_file.endswith(".jsonl") or line.lstrip().startswith("{"):
+                    obj = json.loads(line)
+                    if "prompt" not in obj:
+                        raise ValueError(f"{args.prompts_file}:{n}: JSONL line has no 'prompt'")
+                    prompt = obj.pop("prompt")
+                    unknown = set(obj) - set(SAMPLING_FIELDS)
+                    if unknown:
+                        raise ValueError(f"{args.prompts_file}:{n}: unknown fields "
+                                         f"{sorted(unknown)}")
+                    items.append((prompt, obj))
+                else:
+                    items.append((line, {}))
+    if not items:
+        items = [("The capital of France is", {}), ("Once upon a time", {})]
+    return items
+
+
+def cmd_generate(args) -> int:
+    from jpaged import LLM, SamplingParams
+
+    base = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+                n=args.n, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty, stop=args.stop,
+                ignore_eos=args.ignore_eos, logprobs=args.logprobs, seed=args.sampling_seed)
+    items = _read_prompts(args)
+    params = [SamplingParams(**{**base, **over}) for _, over in items]
+    llm = LLM(**engine_kwargs(args))
+    engine = llm.llm_engine
+    start = time.perf_counter()
+    outs = llm.generate([p for p, _ in items], params, use_tqdm=len(items) > 1)
+    elapsed = time.perf_counter() - start
+    sink = open(args.output, "w") if args.output else None
+    for out in outs:
+        for c in out.outputs:
+            rec = {"request_id": out.request_id, "prompt": out.prompt, "index": c.index,
+                   "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                   "num_prompt_tokens": len(out.prompt_token_ids),
+                   "num_cached_tokens": out.num_cached_tokens}
+            if sink:
+                sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            else:
+                print(f"--- [{out.request_id}.{c.index}] {out.prompt!r}\n{c.text!r} "
+                      f"({c.finish_reason})")
+    if sink:
+        sink.close()
+    s = engine.get_stats()
+    n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    n_prompt = sum(len(o.prompt_token_ids) for o in outs)
+    hit = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+    print(f"Summary: {len(outs)} requests, {n_prompt} prompt tokens, {n_out} output tokens "
+          f"in {elapsed:.2f}s ({n_out / elapsed:.1f} output tokens/s); peak KV cache usage "
+          f"{engine.peak_kv_usage:.1%}; prefix cache hit rate {hit:.1%}; "
+          f"{s.num_preemptions} preemptions; {s.num_compiles} compiles", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jpaged", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate offline for prompts")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="text lines, or JSONL with 'prompt' and sampling "
+                     "fields")
+    gen.add_argument("--output", help="write results as JSONL to this file")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    try:
+        from jpaged.serve.args import add_serve_args
+    except ImportError:
+        add_serve_args = None
+    if add_serve_args is not None:
+        srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+        add_engine_args(srv)
+        add_serve_args(srv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        from jpaged.serve.server import run_server
+
+        return run_server(args)
+    except ValueError as e:
+        print(f"jpaged: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
