@@ -1,0 +1,371 @@
+"""`AsyncLLM`: the engine loop in a background thread, requests as async streams.
+
+The life of a request:
+
+1. `add_request` (a coroutine, on the event loop) puts an ``add`` command on a
+   thread-safe queue and waits until the loop thread has called
+   `LLMEngine.add_request`; a `ValueError` from validation is raised back to
+   the caller, and a full waiting queue raises `QueueFullError`, without
+   touching any other request.
+2. The loop thread drains commands (adds, aborts), calls `LLMEngine.step`, and
+   hands each step's outputs to the event loop in one
+   ``loop.call_soon_threadsafe`` call, which puts them on per-request
+   `asyncio.Queue`s.
+3. `RequestStream` (an async iterator) yields `RequestOutput`s: cumulative
+   ones, or deltas (only the new text, token ids and logprobs of each sample)
+   with ``output_kind="delta"``. Outputs that piled up while the consumer was
+   busy are merged into one.
+4. Closing or cancelling the iterator before the request finished (a client
+   disconnect) aborts it; the engine frees its blocks at once.
+5. An exception in `LLMEngine.step` fails every in-flight request with
+   `EngineDeadError`, sets `errored`, and stops the loop; `shutdown` stops it
+   cleanly.
+
+Only the loop thread ever touches the engine. Tested with a fake engine whose
+outputs are known by hand and against the real engine through the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop died; no request can run until the process restarts."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at ``max_queue_len``; retry later."""
+
+
+class RequestStream:
+    """Async iterator over one request's outputs (see the module docstring)."""
+
+    def __init__(self, llm: "AsyncLLM", request_id: str, output_kind: str):
+        self.llm = llm
+        self.request_id = request_id
+        self.output_kind = output_kind
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.finished = False
+        self._prev: RequestOutput | None = None  # last cumulative output seen
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+            # Merge outputs that piled up: each is cumulative, the last wins.
+            while isinstance(item, RequestOutput) and not item.finished \
+                    and not self.queue.empty():
+                item = self.queue.get_nowait()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item is _ABORTED:
+            item = _aborted_output(self.request_id, self._prev)
+        if item.finished:
+            self.finished = True
+        out = _delta(self._prev, item) if self.output_kind == "delta" else item
+        self._prev = item
+        return out
+
+    def close(self) -> None:
+        """Abort the request if it has not finished (idempotent)."""
+        if not self.finished:
+            self.finished = True
+            self.llm.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+_ABORTED = object()  # queue sentinel: the request was aborted under its reader
+
+
+def _aborted_output(request_id: str, prev: RequestOutput | None) -> RequestOutput:
+    """A final output for a request aborted by `AsyncLLM.abort`."""
+    if prev is None:
+        return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[],
+                             outputs=[], finished=True)
+    outs = [dataclasses.replace(o, finish_reason=o.finish_reason or "abort")
+            for o in prev.outputs]
+    return dataclasses.replace(prev, outputs=outs, finished=True)
+
+
+def _delta(prev: RequestOutput | None, cur: RequestOutput) -> RequestOutput:
+    """The part of ``cur`` that is new since ``prev`` (both cumulative)."""
+    seen = {o.index: o for o in prev.outputs} if prev is not None else {}
+    outs = []
+    for o in cur.outputs:
+        p = seen.get(o.index)
+        nt = len(p.token_ids) if p else 0
+        ntext = len(p.text) if p else 0
+        outs.append(CompletionOutput(
+            index=o.index, text=o.text[ntext:], token_ids=o.token_ids[nt:],
+            cumulative_logprob=o.cumulative_logprob,
+            logprobs=o.logprobs[nt:] if o.logprobs is not None else None,
+            finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+    return dataclasses.replace(cur, outputs=outs)
+
+
+class AsyncLLM:
+    """Serve an `LLMEngine` to asyncio code.
+
+    Args:
+        engine: a built `LLMEngine` (or an object with its request API).
+        max_queue_len: refuse new requests (`QueueFullError`) while this many
+            are waiting; ``None`` for no limit.
+        stat_loggers: objects with optional ``on_step(stats)`` (after each
+            step, with `EngineStats`) and ``on_output(out)`` (every
+            `RequestOutput`) methods, called in the loop thread.
+    """
+
+    def __init__(self, engine, max_queue_len: int | None = None, stat_loggers=()):
+        if max_queue_len is not None and max_queue_len < 1:
+            raise ValueError(f"max_queue_len={max_queue_len} must be at least 1")
+        self.engine = engine
+        self.max_queue_len = max_queue_len
+        self.stat_loggers = list(stat_loggers)
+        self.errored: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # loop thread only
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jpaged-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config=None, max_queue_len: int | None = None, stat_loggers=(),
+                    **kwargs) -> "AsyncLLM":
+        from jpaged.engine import EngineConfig, LLMEngine
+
+        return cls(LLMEngine(config or EngineConfig(**kwargs)), max_queue_len, stat_loggers)
+
+    # ------------------------------------------------------------ public
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.errored is None
+
+    async def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                          priority: int = 0, cache_salt: str | None = None,
+                          output_kind: str = "cumulative") -> RequestStream:
+        """Submit a request; returns its stream once the engine has accepted it.
+
+        Raises:
+            ValueError: the engine refused the request (bad prompt or params).
+            QueueFullError: ``max_queue_len`` requests are already waiting.
+            EngineDeadError: the engine loop is dead or shut down.
+        """
+        if output_kind not in ("cumulative", "delta"):
+            raise ValueError(f"output_kind={output_kind!r} must be 'cumulative' or 'delta'")
+        self._check_alive()
+        stream = RequestStream(self, request_id, output_kind)
+        accepted = stream.loop.create_future()
+        self._commands.put(("add", (request_id, prompt, params, priority, cache_salt),
+                            stream, accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)  # it may have been added meanwhile
+            raise
+        return stream
+
+    async def generate(self, prompt, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0,
+                       cache_salt: str | None = None,
+                       output_kind: str = "delta") -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs (deltas by default); see `add_request`."""
+        if request_id is None:
+            import uuid
+
+            request_id = uuid.uuid4().hex
+        stream = await self.add_request(request_id, prompt, sampling_params, priority,
+                                        cache_salt, output_kind)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if it already finished); thread-safe."""
+        self._commands.put(("abort", request_id, None, None))
+
+    def call(self, fn: Callable, timeout: float = 30.0):
+        """Run ``fn(engine)`` in the loop thread and return its result (blocking)."""
+        done = threading.Event()
+        box: list = []
+        self._commands.put(("call", fn, box, done))
+        if not done.wait(timeout):
+            raise TimeoutError("engine loop did not answer")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop thread; unfinished requests fail with `EngineDeadError`."""
+        self._stop.set()
+        self._commands.put(("wake", None, None, None))
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _check_alive(self) -> None:
+        if self.errored is not None:
+            raise EngineDeadError(f"engine is dead: {self.errored!r}")
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise EngineDeadError("engine is shut down")
+
+    # ------------------------------------------------------- loop thread
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop.is_set():
+                busy = engine.has_unfinished_requests()
+                aborted = self._drain_commands(block=not busy)
+                if self._stop.is_set():
+                    break
+                if engine.has_unfinished_requests() or aborted:
+                    outs = engine.step()
+                    self._deliver(outs)
+                    self._on_step()
+        except BaseException as e:  # noqa: BLE001 - the engine is dead, tell everyone
+            logger.exception("engine loop died")
+            self.errored = e
+            self._fail_all(EngineDeadError(f"engine error: {e!r}"))
+            self._fail_commands(EngineDeadError(f"engine error: {e!r}"))
+            return
+        self._fail_all(EngineDeadError("engine is shut down"))
+        self._fail_commands(EngineDeadError("engine is shut down"))
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued commands; returns whether any request was aborted."""
+        aborted = False
+        try:
+            cmd = self._commands.get(timeout=_IDLE_WAIT_S) if block \
+                else self._commands.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            kind, a, b, c = cmd
+            if kind == "add":
+                self._add(a, b, c)
+            elif kind == "abort":
+                self.engine.abort_request(a)  # a no-op for a finished request
+                aborted = True
+                stream = self._streams.pop(a, None)
+                if stream is not None:  # aborted by someone else than its reader
+                    _call_soon(stream.loop, _put_all, [(stream.queue, _ABORTED)])
+            elif kind == "call":
+                try:
+                    b.append(a(self.engine))
+                except Exception as e:  # noqa: BLE001 - handed back to the caller
+                    b.append(e)
+                c.set()
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return aborted
+
+    def _add(self, args, stream: RequestStream, accepted: asyncio.Future) -> None:
+        request_id, prompt, params, priority, cache_salt = args
+        err = None
+        if self.max_queue_len is not None and \
+                len(self.engine.scheduler.waiting) >= self.max_queue_len:
+            err = QueueFullError(f"the waiting queue is full ({self.max_queue_len} requests)")
+        else:
+            try:
+                self.engine.add_request(request_id, prompt, params, priority=priority,
+                                        cache_salt=cache_salt)
+            except Exception as e:  # noqa: BLE001 - this request's own fault
+                err = e if isinstance(e, ValueError) else ValueError(str(e))
+        if err is None:
+            self._streams[request_id] = stream
+        stream.loop.call_soon_threadsafe(_settle, accepted, err)
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        by_loop: dict = {}
+        for out in outs:
+            for sl in self.stat_loggers:
+                if hasattr(sl, "on_output"):
+                    sl.on_output(out)
+            stream = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            _call_soon(loop, _put_all, items)
+
+    def _on_step(self) -> None:
+        if not any(hasattr(sl, "on_step") for sl in self.stat_loggers):
+            return
+        stats = self.engine.get_stats()
+        for sl in self.stat_loggers:
+            if hasattr(sl, "on_step"):
+                try:
+                    sl.on_step(stats)
+                except Exception:  # noqa: BLE001 - metrics must not kill the engine
+                    logger.exception("stat logger failed")
+
+    def _fail_all(self, err: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            _call_soon(stream.loop, _put_all, [(stream.queue, err)])
+
+    def _fail_commands(self, err: BaseException) -> None:
+        while True:
+            try:
+                kind, a, b, c = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                _call_soon(b.loop, _settle, c, err)
+            elif kind == "call":
+                b.append(err)
+                c.set()
+
+
+def _settle(fut: asyncio.Future, err: BaseException | None) -> None:
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)
+
+
+def _put_all(items) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _call_soon(loop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the event loop is closed: nobody is listening
+        pass
+
+
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestStream"]

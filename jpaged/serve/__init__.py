@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving: `jpaged serve` (see `jpaged.serve.server`)."""

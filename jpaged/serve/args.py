@@ -1,0 +1,44 @@
+"""``jpaged serve`` flags, named as ``vllm serve`` names them.
+
+Engine flags (``--model``, ``--max-num-seqs``, ...) come from
+`jpaged.cli.add_engine_args`; these are the server's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # jpaged.serve.server uses the same default
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be a positive integer")
+    return n
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use (default: the --model path)")
+    g.add_argument("--api-key", action="append", default=None,
+                   help="accepted API key (repeatable; also env JPAGED_API_KEY)")
+    g.add_argument("--chat-template", default=None,
+                   help="chat template: a file path or an inline Jinja string")
+    g.add_argument("--max-queue-len", type=_positive_int, default=None,
+                   help="refuse new requests (503) while this many are waiting")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds to let requests in flight finish after SIGTERM")
+    g.add_argument("--enable-log-requests", action="store_true",
+                   help="log one line per request (id, tokens, latency)")
+    g.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without an API key")
+    g.add_argument("--max-request-bytes", type=_positive_int,
+                   default=DEFAULT_MAX_REQUEST_BYTES, help="largest request body accepted")
+    g.add_argument("--max-header-bytes", type=_positive_int, default=64 << 10,
+                   help="largest request head (request line and headers) accepted")
+    g.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
