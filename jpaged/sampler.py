@@ -70,10 +70,13 @@ def _filter(logits, md: SamplingMetadata):
     srt = jnp.sort(logits, axis=-1)[:, ::-1]  # [S, V] descending
     k = jnp.where(md.top_k > 0, jnp.minimum(md.top_k, vocab), vocab)
     kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)  # [S, 1]
-    srt = jnp.where(srt >= kth, srt, -jnp.inf)
+    in_top_k = srt >= kth
+    srt = jnp.where(in_top_k, srt, -jnp.inf)
     probs = jax.nn.softmax(srt, axis=-1)
     cum_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (cum_before < md.top_p[:, None]) & (probs >= md.min_p[:, None] * probs[:, :1])
+    # in_top_k matters here too: rounding can leave cum_before just under 1.
+    keep = in_top_k & (cum_before < md.top_p[:, None]) & (
+        probs >= md.min_p[:, None] * probs[:, :1])
     keep = keep.at[:, 0].set(True)  # the most likely token always survives
     cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
