@@ -26,6 +26,9 @@ from jpaged.pallas_kernels.ragged import ragged_paged_attention
 from jpaged.pallas_kernels.reference import (
     paged_decode_attention_reference, ragged_paged_attention_reference)
 
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
 RTOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
 
 
