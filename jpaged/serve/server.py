@@ -783,6 +783,16 @@ async def _drain_watch(state: ServerState, poll: float = 0.05) -> None:
         state.server.should_exit = True
 
 
+def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000,
+                   max_header_bytes: int = 64 << 10, log_level: str = "warning"):
+    """uvicorn settings: h11 (whose request head size is bounded), no lifespan."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, http="h11", lifespan="off",
+                          h11_max_incomplete_event_size=max_header_bytes, server_header=False,
+                          timeout_graceful_shutdown=5, log_level=log_level)
+
+
 def run_server(args) -> int:
     """Build the engine and serve until SIGTERM/SIGINT (the ``jpaged serve`` command)."""
     import uvicorn
@@ -805,11 +815,8 @@ def run_server(args) -> int:
             state.drain_deadline = time.monotonic() + cfg.shutdown_timeout
             state.draining = True
 
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, http="h11", lifespan="off",
-        h11_max_incomplete_event_size=args.max_header_bytes, server_header=False,
-        timeout_graceful_shutdown=5, log_level=args.uvicorn_log_level)
-    server = _Server(config)
+    server = _Server(uvicorn_config(app, args.host, args.port, args.max_header_bytes,
+                                    args.uvicorn_log_level))
     state.server = server
 
     async def main():

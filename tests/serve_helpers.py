@@ -1,0 +1,179 @@
+"""Helpers for the server tests: a uvicorn server in a thread on 127.0.0.1
+(shared per session, so one engine compile serves every server test module)
+and a fake engine whose outputs are known by hand."""
+
+from __future__ import annotations
+
+import atexit
+import socket
+import threading
+import time
+
+from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+API_KEY = "sk-test-key"
+MODEL_NAME = "tiny-llama"
+# Small: two token buckets (8, 16) to compile; 512 tokens per request.
+ENGINE_KWARGS = dict(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=512,
+                     kv_cache_memory=4 << 20)
+
+
+class ThreadServer:
+    """An app served by uvicorn in a daemon thread on a free 127.0.0.1 port."""
+
+    def __init__(self, app, llm=None):
+        import uvicorn
+
+        from jpaged.serve.server import uvicorn_config
+
+        self.app, self.llm = app, llm
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn_config(app, port=self.port))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        if self.llm is not None:
+            self.llm.shutdown()
+
+    def engine_state(self) -> dict:
+        """Running/waiting counts and free blocks, read in the engine thread."""
+        return self.llm.call(lambda e: {
+            "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
+            "free": e.kv.num_free_blocks, "blocks": e.kv.num_blocks,
+            "unfinished": e.get_num_unfinished_requests()})
+
+    def wait_idle(self, timeout: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.engine_state()
+            if (not st["running"] and not st["waiting"] and not st["unfinished"]
+                    and st["free"] == st["blocks"] - 1) or time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
+
+
+_SHARED: dict = {}
+
+
+def shared_server(model_dir: str) -> ThreadServer:
+    """The session's real-engine server (API key `API_KEY`, name `MODEL_NAME`)."""
+    if model_dir not in _SHARED:
+        from jpaged.async_llm import AsyncLLM
+        from jpaged.engine import EngineConfig, LLMEngine
+        from jpaged.serve.server import ServeConfig, build_app
+
+        llm = AsyncLLM(LLMEngine(EngineConfig(model=model_dir, **ENGINE_KWARGS)))
+        cfg = ServeConfig(served_model_names=[MODEL_NAME], model_path=model_dir,
+                          api_keys=[API_KEY, "sk-second-key"], max_request_bytes=1 << 20)
+        srv = ThreadServer(build_app(llm, cfg), llm)
+        _SHARED[model_dir] = srv
+        atexit.register(srv.stop)
+    return _SHARED[model_dir]
+
+
+# ------------------------------------------------------------ fake engine
+class _FakeScheduler:
+    def __init__(self):
+        self.waiting: list = []
+        self.running: list = []
+
+
+class _FakeKV:
+    num_blocks = 9
+    num_free_blocks = 8
+
+
+class _FakeModelConfig:
+    vocab_size = 1024
+
+
+class FakeEngine:
+    """Request ``r`` with prompt ``p`` emits tokens 1, 2, ..., ``max_tokens``, one
+    per step, as text ``"t1 t2 ..."``; at most ``max_running`` run at once. A
+    prompt ``"bad"`` is refused with ValueError; ``fail_after`` steps make
+    `step` raise."""
+
+    def __init__(self, max_running: int = 4, step_delay: float = 0.0,
+                 fail_after: int | None = None, tokenizer=None):
+        self.scheduler = _FakeScheduler()
+        self.kv = _FakeKV()
+        self.model_config = _FakeModelConfig()
+        self.max_model_len = 512
+        self.tokenizer = tokenizer
+        self.max_running, self.step_delay, self.fail_after = max_running, step_delay, fail_after
+        self.groups: dict = {}
+        self.steps = 0
+        self.aborted: list[str] = []
+
+    def add_request(self, request_id, prompt, params, priority=0, cache_salt=None):
+        if prompt in ("bad", "") or request_id in self.groups:
+            raise ValueError(f"prompt={prompt!r} is refused")
+        n_max = params.max_tokens if params is not None and params.max_tokens else 16
+        ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else [1, 2]
+        self.groups[request_id] = {"n": 0, "max": n_max, "ids": list(ids),
+                                   "metrics": RequestMetrics(arrival_time=time.time())}
+        self.scheduler.waiting.append(request_id)
+
+    def abort_request(self, request_id):
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        for rid in ids:
+            if self.groups.pop(rid, None) is not None:
+                self.aborted.append(rid)
+            for q in (self.scheduler.waiting, self.scheduler.running):
+                if rid in q:
+                    q.remove(rid)
+
+    def has_unfinished_requests(self):
+        return bool(self.groups)
+
+    def get_num_unfinished_requests(self):
+        return len(self.groups)
+
+    def step(self):
+        self.steps += 1
+        if self.fail_after is not None and self.steps > self.fail_after:
+            raise RuntimeError("injected engine failure")
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        s = self.scheduler
+        while s.waiting and len(s.running) < self.max_running:
+            s.running.append(s.waiting.pop(0))
+        outs = []
+        for rid in list(s.running):
+            g = self.groups[rid]
+            g["n"] += 1
+            done = g["n"] >= g["max"]
+            now = time.time()
+            m = g["metrics"]
+            m.first_token_time = m.first_token_time or now
+            m.first_scheduled_time = m.first_scheduled_time or now
+            m.last_token_time = now
+            toks = list(range(1, g["n"] + 1))
+            out = RequestOutput(
+                request_id=rid, prompt=None, prompt_token_ids=g["ids"],
+                outputs=[CompletionOutput(0, " ".join(f"t{t}" for t in toks), toks, None, None,
+                                          "length" if done else None)],
+                finished=done, metrics=m)
+            if done:
+                m.finished_time = now
+                s.running.remove(rid)
+                del self.groups[rid]
+            outs.append(out)
+        return outs
+
+    def get_stats(self):
+        from jpaged.engine import EngineStats
+
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), 0.0,
+                           0, 0, 0, 0, 0, 0)
