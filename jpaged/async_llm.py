@@ -59,14 +59,15 @@ class RequestStream:
         self.output_kind = output_kind
         self.queue: asyncio.Queue = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
-        self.finished = False
+        self.finished = False  # the final output (or an error) was read
+        self.aborted = False  # closed before that
         self._prev: RequestOutput | None = None  # last cumulative output seen
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.finished:
+        if self.finished or self.aborted:
             raise StopAsyncIteration
         try:
             item = await self.queue.get()
@@ -90,8 +91,8 @@ class RequestStream:
 
     def close(self) -> None:
         """Abort the request if it has not finished (idempotent)."""
-        if not self.finished:
-            self.finished = True
+        if not self.finished and not self.aborted:
+            self.aborted = True
             self.llm.abort(self.request_id)
 
     async def aclose(self) -> None:

@@ -20,6 +20,7 @@ SEED_MAX = 2**63 - 1
 Int32 = Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 ShortStr = Annotated[str, Field(max_length=4096)]
+StopStr = Annotated[str, Field(max_length=1024)]
 
 
 class _Request(BaseModel):
@@ -44,8 +45,8 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = None
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[TokenId] | None = None
+    stop: StopStr | Annotated[list[StopStr], Field(max_length=64)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=1024)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
     skip_special_tokens: bool = True
@@ -53,7 +54,7 @@ class _SamplingFields(_Request):
     priority: Int32 = 0
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: ShortStr | None = None
     logit_bias: dict[str, float] | None = None
 
 
@@ -67,9 +68,9 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(_Request):
-    role: str
+    role: ShortStr
     content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    name: ShortStr | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
