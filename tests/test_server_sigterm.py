@@ -1,0 +1,93 @@
+"""`jpaged serve` in a subprocess: SIGTERM during traffic lets the requests in
+flight finish, answers new ones with 503, then the process exits."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from serve_helpers import ENGINE_KWARGS
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_then_exits(llama_dir, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w+")
+    cmd = [sys.executable, "-m", "jpaged.cli", "--log-level", "INFO", "serve",
+           "--model", llama_dir, "--port", str(port), "--served-model-name", "m",
+           "--shutdown-timeout", "60", "--enable-log-requests"]
+    for k, v in ENGINE_KWARGS.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "JPAGED_API_KEY": "sk-env"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    auth = {"Authorization": "Bearer sk-env"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, open(tmp_path / "server.log").read()[-3000:]
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+        results, started = {}, threading.Barrier(5)
+
+        def client(i):
+            body = {"model": "m", "prompt": "Tell me a story " * 5, "max_tokens": 400,
+                    "ignore_eos": True, "stream": True, "seed": i,
+                    "stream_options": {"include_usage": True}}
+            chunks = []
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth,
+                              timeout=120) as r:
+                if r.status_code != 200:
+                    results[i] = r.status_code
+                    started.abort()
+                    return
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks.append(json.loads(line[6:]))
+                        if len(chunks) == 1:
+                            started.wait(30)
+            results[i] = chunks
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "late"},
+                       headers=auth, timeout=10)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] and r.json()["error"]["code"] == 503
+        assert httpx.get(url + "/health", timeout=5).status_code == 503
+        for t in threads:
+            t.join(120)
+        for i in range(4):
+            chunks = results[i]
+            finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+            assert finish[-1] == "length", finish[-5:]
+            assert chunks[-1]["usage"]["completion_tokens"] == 400
+        assert proc.wait(60) == 0
+        text = open(tmp_path / "server.log").read()
+        assert text.count("jpaged.serve.requests") == 4, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
