@@ -16,6 +16,15 @@ def is_power_of_two(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
+# Shared memory we let K/V pipeline buffers take (H100: 227 KiB per block).
+_SMEM_BUDGET = 160 * 1024
+
+
+def default_num_stages(kv_tile_bytes: int) -> int:
+  """Two pipeline stages of K and V tiles if they fit the budget, else one."""
+  return 2 if 2 * 2 * kv_tile_bytes <= _SMEM_BUDGET else 1
+
+
 def masked_load(ref, indices, mask, other=0):
   """Gathers ``ref[indices]`` where ``mask``, ``other`` elsewhere.
 

@@ -185,12 +185,15 @@ def _merge_splits(out, m, l):
 
 
 def default_decode_params(num_seqs: int, num_kv_heads: int, block_size: int,
-                          max_blocks: int) -> tuple[int, int]:
+                          max_blocks: int, head_dim: int = 128,
+                          itemsize: int = 2) -> tuple[int, int]:
   """Picks ``(pages_per_compute_block, num_splits)`` from static shapes."""
-  # About 128 tokens per step, at least 16 (tl.dot), at most the table width.
-  pages = max(1, 128 // block_size)
+  # K and V tiles of at most 32 KiB each (128 keys of bf16 x 128): with two
+  # pipeline stages that is 128 KiB of shared memory, under an H100's 227.
+  tokens = max(16, (32 * 1024) // (head_dim * itemsize))
+  pages = max(1, tokens // block_size)
   pages = min(pages, pl.next_power_of_2(max_blocks))
-  pages = max(pages, max(1, 16 // block_size))
+  pages = max(pages, max(1, 16 // block_size))  # tl.dot needs >= 16 keys
   chunks = pl.cdiv(max_blocks, pages)
   splits = pl.cdiv(_TARGET_PROGRAMS, num_seqs * num_kv_heads)
   splits = max(1, min(splits, chunks, _MAX_SPLITS))
@@ -215,7 +218,7 @@ def paged_decode_attention(
     pages_per_compute_block: int | None = None,
     num_splits: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [S, num_heads, head_dim]
   """Decode attention over a paged KV cache (one query token per sequence).
@@ -232,11 +235,12 @@ def paged_decode_attention(
     soft_cap: optional logit soft-cap ``cap * tanh(s / cap)``.
     sliding_window: optional window; a query at ``p`` sees ``(p - w, p]``.
     pages_per_compute_block: pages per inner step (power of two); default
-      from shapes, about 128 tokens.
+      from shapes, about 128 keys of bf16 x 128 (32 KiB tiles).
     num_splits: split-K programs per (sequence, KV head); default from
       shapes, enough programs to fill an H100.
     num_warps: Triton warps per program.
-    num_stages: Triton software-pipelining depth.
+    num_stages: Triton software-pipelining depth; default 2, or 1 when two
+      stages of K/V tiles would not fit in shared memory.
     interpret: run the Pallas interpreter (CPU) instead of Triton.
 
   Returns:
@@ -250,7 +254,8 @@ def paged_decode_attention(
   num_seqs, _, _ = q.shape
   _, block_size, num_kv_heads, _ = k_cache.shape
   max_blocks = block_tables.shape[1]
-  pages, splits = default_decode_params(num_seqs, num_kv_heads, block_size, max_blocks)
+  pages, splits = default_decode_params(num_seqs, num_kv_heads, block_size, max_blocks,
+                                        q.shape[2], q.dtype.itemsize)
   if pages_per_compute_block is not None:
     pages = pages_per_compute_block
   if num_splits is not None:
@@ -260,6 +265,8 @@ def paged_decode_attention(
                      f"with pages * block_size ({block_size}) >= 16")
   if splits < 1:
     raise ValueError(f"num_splits={splits} must be >= 1")
+  if num_stages is None:
+    num_stages = common.default_num_stages(pages * block_size * q.shape[2] * q.dtype.itemsize)
   return _decode_call(
       q, k_cache, v_cache, block_tables, context_lens, scale=float(scale),
       soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=pages,

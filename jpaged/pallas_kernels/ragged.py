@@ -197,12 +197,16 @@ def _ragged_call(q, k_cache, v_cache, block_tables, context_lens, query_start_lo
 
 
 def default_ragged_params(num_heads: int, num_kv_heads: int, head_dim: int,
-                          block_size: int) -> tuple[int, int, int]:
+                          block_size: int, itemsize: int = 2) -> tuple[int, int, int]:
   """Picks ``(block_q, pages_per_compute_block, num_warps)`` from static shapes."""
   group_pad = pl.next_power_of_2(num_heads // num_kv_heads)
-  target_rows = 128 if head_dim <= 128 else 64
+  # Tiles sized by bytes so that shared memory stays well under an H100's
+  # 227 KiB: q of 32 KiB (128 rows of bf16 x 128), K and V of 16 KiB each,
+  # two pipeline stages; the f32 accumulator is at most 128 x 128.
+  target_rows = max(16, min(128, (32 * 1024) // (head_dim * itemsize)))
   block_q = max(1, target_rows // group_pad)
-  pages = max(1, 64 // block_size)  # about 64 keys per step, >= 16 (tl.dot)
+  keys = max(16, (16 * 1024) // (head_dim * itemsize))
+  pages = max(1, keys // block_size)
   rows = block_q * group_pad
   num_warps = 8 if rows * head_dim >= 128 * 128 else 4
   return block_q, pages, num_warps
@@ -227,7 +231,7 @@ def ragged_paged_attention(
     block_q: int | None = None,
     pages_per_compute_block: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [T, num_heads, head_dim]
   """Attention of ragged query tokens over their sequences' paged KV.
@@ -245,11 +249,12 @@ def ragged_paged_attention(
     soft_cap: optional logit soft-cap ``cap * tanh(s / cap)``.
     sliding_window: optional window; a query at ``p`` sees ``(p - w, p]``.
     block_q: query tokens per program (power of two); default from shapes,
-      about 128 rows of tokens times GQA group.
+      about 128 rows (tokens x padded GQA group) for bf16 x 128.
     pages_per_compute_block: pages per inner step (power of two); default
-      about 64 keys.
+      about 64 keys for bf16 x 128.
     num_warps: Triton warps per program; default from the tile size.
-    num_stages: Triton software-pipelining depth.
+    num_stages: Triton software-pipelining depth; default 2, or 1 when two
+      stages of K/V tiles would not fit in shared memory.
     interpret: run the Pallas interpreter (CPU) instead of Triton.
 
   Returns:
@@ -263,7 +268,8 @@ def ragged_paged_attention(
                      f"{query_start_loc.dtype}{list(query_start_loc.shape)}")
   _, num_heads, head_dim = q.shape
   _, block_size, num_kv_heads, _ = k_cache.shape
-  bq, pages, warps = default_ragged_params(num_heads, num_kv_heads, head_dim, block_size)
+  bq, pages, warps = default_ragged_params(num_heads, num_kv_heads, head_dim, block_size,
+                                           q.dtype.itemsize)
   bq = block_q if block_q is not None else bq
   pages = pages_per_compute_block if pages_per_compute_block is not None else pages
   warps = num_warps if num_warps is not None else warps
@@ -274,6 +280,8 @@ def ragged_paged_attention(
   if not common.is_power_of_two(pages) or pages * block_size < 16:
     raise ValueError(f"pages_per_compute_block={pages} must be a power of two "
                      f"with pages * block_size ({block_size}) >= 16")
+  if num_stages is None:
+    num_stages = common.default_num_stages(pages * block_size * head_dim * q.dtype.itemsize)
   return _ragged_call(
       q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
       scale=float(scale), soft_cap=soft_cap, sliding_window=sliding_window,
