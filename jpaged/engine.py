@@ -93,9 +93,25 @@ class _Group:
     num_cached_tokens: int = 0
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled steps on disk (``JPAGED_COMPILE_CACHE``, default
+    ``~/.cache/jpaged/xla``; ``0`` disables) so a second start skips most of
+    the warm-up. A cache directory the user gave JAX already wins."""
+    import os
+
+    path = os.environ.get("JPAGED_COMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "jpaged", "xla")
+    if path == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         config = config or EngineConfig(**kwargs)
+        enable_compilation_cache()
         if config.block_size not in ALLOWED_BLOCK_SIZES:
             raise ValueError(f"block_size={config.block_size} is not supported; choose one of "
                              f"{', '.join(map(str, ALLOWED_BLOCK_SIZES))}")
@@ -156,6 +172,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.peak_kv_usage = 0.0
+        self.peak_num_running = 0
         self.peak_slot_utilization = (0.0, 0)  # (share of allocated slots in use, busiest step)
 
     # ------------------------------------------------------------- set-up
@@ -329,6 +346,7 @@ class LLMEngine:
         at the busiest step (after this step's allocation, before it runs)."""
         self.peak_kv_usage = max(self.peak_kv_usage, self.kv.usage)
         reqs = self.scheduler.running
+        self.peak_num_running = max(self.peak_num_running, len(reqs))
         allocated = sum(len(self.kv.req_to_blocks.get(r.request_id, ())) for r in reqs)
         if not allocated:
             return

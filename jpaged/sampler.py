@@ -42,6 +42,7 @@ class SamplingMetadata:
     any_penalty: jax.Array  # [] bool
     any_filter: jax.Array  # [] bool (some row uses top-k, top-p or min-p)
     any_logprobs: jax.Array  # [] bool
+    any_random: jax.Array  # [] bool (some row samples; else all greedy, no RNG work)
 
 
 def _penalize(logits, md: SamplingMetadata, token_table):
@@ -106,10 +107,13 @@ def sample(
     greedy = md.temperature <= 1e-5
     greedy_tokens = jnp.argmax(x, axis=-1)
     x = x / jnp.where(greedy, 1.0, md.temperature)[:, None]
-    x = jax.lax.cond(md.any_filter, lambda l: _filter(l, md), lambda l: l, x)
-    keys = _row_keys(md)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
-    sampled = jnp.argmax(x + gumbel, axis=-1)
+
+    def draw(x):
+        x = jax.lax.cond(md.any_filter, lambda l: _filter(l, md), lambda l: l, x)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(_row_keys(md))
+        return jnp.argmax(x + gumbel, axis=-1)
+
+    sampled = jax.lax.cond(md.any_random, draw, lambda x: greedy_tokens, x)
     tokens = jnp.where(greedy, greedy_tokens, sampled).astype(jnp.int32)
     tok_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     rank = jnp.sum(raw_logprobs > tok_lp[:, None], axis=-1).astype(jnp.int32) + 1
