@@ -28,7 +28,8 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import jax, sys; asse
   "$VENV/bin/python" -m pip install -q "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION" numpy pytest hypothesis
 fi
 # jpaged itself, without its heavy dependencies (torch, transformers, flax...).
-if ! "$VENV/bin/python" -c 'import jpaged.pallas_kernels' 2>/dev/null; then
+# (Checked from outside the repo root, where the cwd would hide a missing install.)
+if ! (cd / && "$OLDPWD/$VENV/bin/python" -c 'import jpaged.pallas_kernels') 2>/dev/null; then
   "$VENV/bin/python" -m pip install -q --no-deps -e . \
     || echo "$PWD" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/jpaged-src.pth"
 fi
