@@ -19,14 +19,15 @@ The life of a request:
    ``shutdown_timeout`` for requests in flight, aborts the rest, and exits.
 
 Tested end to end with uvicorn on 127.0.0.1 and the official ``openai``
-client (tests/test_server*.py).
+client (tests/test_server*.py). The file is long because it is the whole
+OpenAI surface (both endpoints with their stream and non-stream shapes);
+the generation plumbing lives in `jpaged.serve.streams`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import os
 import signal
@@ -46,9 +47,10 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.serve import protocol as P
 from jpaged.serve.auth import APIKeyMiddleware
 from jpaged.serve.metrics import ServerMetrics
+from jpaged.serve.streams import (ClientGone, Generation, SSEResponse, error_chunk,
+                                  run_until_disconnect, sse)
 
 logger = logging.getLogger(__name__)
-request_logger = logging.getLogger("jpaged.serve.requests")
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 MAX_PROMPTS_PER_REQUEST = 256
@@ -82,10 +84,6 @@ def error_response(status: int, message: str, param: str | None = None,
         message=message[:2000], type=_ERROR_TYPES.get(status, "Error"), param=param,
         code=status))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-class _ClientGone(Exception):
-    pass
 
 
 # ------------------------------------------------------------------ state
@@ -221,160 +219,6 @@ def make_sampling_params(req, state: ServerState, max_tokens, logprobs) -> Sampl
         raise APIError(400, str(e), _param_of(str(e))) from None
 
 
-# ------------------------------------------------------------- generation
-class _Generation:
-    """One HTTP request's engine requests: submit, merge outputs, abort on exit."""
-
-    def __init__(self, state: ServerState, base_id: str, prompts: list[list[int]],
-                 params: SamplingParams, priority: int, output_kind: str):
-        self.state, self.base_id, self.prompts = state, base_id, prompts
-        self.params, self.priority, self.output_kind = params, priority, output_kind
-        self.streams = []
-        self.start = time.monotonic()
-        self.completion_tokens = 0
-        self.finish_reasons: list = []
-        self.submitted = False
-
-    async def submit(self) -> None:
-        llm = self.state.llm
-        try:
-            for i, ids in enumerate(self.prompts):
-                rid = f"{self.base_id}-{i}"
-                stream = await llm.add_request(rid, {"prompt_token_ids": ids}, self.params,
-                                               priority=self.priority,
-                                               output_kind=self.output_kind)
-                self.streams.append(stream)
-                self.state.active.add(rid)
-            self.submitted = True
-        except BaseException:
-            self.close()
-            raise
-
-    async def outputs(self):
-        """Yield (prompt index, output) from all streams as they come."""
-        if len(self.streams) == 1:
-            async for out in self.streams[0]:
-                yield 0, out
-            return
-        q: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i, stream):
-            try:
-                async for out in stream:
-                    await q.put((i, out))
-                await q.put((i, None))
-            except BaseException as e:  # noqa: BLE001 - re-raised by the reader
-                await q.put((i, e))
-
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
-        try:
-            left = len(tasks)
-            while left:
-                i, item = await q.get()
-                if item is None:
-                    left -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield i, item
-        finally:
-            for t in tasks:
-                t.cancel()
-
-    def close(self) -> None:
-        """Abort whatever has not finished; log the request if asked."""
-        for stream in self.streams:
-            self.state.active.discard(stream.request_id)
-            if not stream.finished:
-                stream.close()
-                self.state.metrics.on_abort(stream.request_id)
-        if self.state.cfg.enable_log_requests and self.submitted:
-            request_logger.info(
-                "request %s: prompts=%d prompt_tokens=%d output_tokens=%d latency=%.3fs "
-                "finish=%s", self.base_id, len(self.prompts), sum(map(len, self.prompts)),
-                self.completion_tokens, time.monotonic() - self.start,
-                ",".join(str(r) for r in self.finish_reasons) or "abort")
-        self.streams = []
-
-
-async def _wait_disconnect(receive) -> None:
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            return
-
-
-async def run_until_disconnect(request: Request, coro):
-    """Await ``coro``; cancel it (aborting its requests) if the client leaves."""
-    task = asyncio.ensure_future(coro)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except BaseException:  # noqa: BLE001 - the client is gone either way
-        pass
-    raise _ClientGone()
-
-
-class _SSEResponse:
-    """Server-Sent Events from an async iterator of strings; stops (and closes
-    the iterator, which aborts the requests) when the client disconnects."""
-
-    def __init__(self, chunks, on_close):
-        self.chunks, self.on_close = chunks, on_close
-        self.status_code = 200
-        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-
-    async def __call__(self, scope, receive, send):
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-
-        async def produce():
-            async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk.encode(),
-                            "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        producer = asyncio.ensure_future(produce())
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not producer.done():
-                producer.cancel()
-            try:
-                await producer
-            except (asyncio.CancelledError, OSError):
-                pass
-        finally:
-            watcher.cancel()
-            if not producer.done():
-                producer.cancel()
-            await self.chunks.aclose()
-            self.on_close()
-
-
-def _sse(obj) -> str:
-    data = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
-    return f"data: {data}\n\n"
-
-
-def _error_chunk(e: BaseException) -> str:
-    status = 400 if isinstance(e, ValueError) else 500
-    msg = str(e) or type(e).__name__
-    return _sse({"error": {"message": msg[:2000], "type": _ERROR_TYPES[status],
-                           "param": None, "code": status}})
-
-
 # ----------------------------------------------------------------- routes
 def _state(request: Request) -> ServerState:
     return request.app.state.jpaged
@@ -467,7 +311,7 @@ async def completions(request: Request):
             prompts.append(st.check_ids(list(p)))
             texts.append(None)
     params = make_sampling_params(req, st, req.max_tokens, req.logprobs)
-    gen = _Generation(st, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.priority,
+    gen = Generation(st, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.priority,
                       "delta" if req.stream else "cumulative")
     await _submit(gen)
     if req.echo:
@@ -476,11 +320,11 @@ async def completions(request: Request):
                 texts[i] = await st.in_pool(st.tokenizer.decode, prompts[i])
     n = params.n
     if req.stream:
-        return _SSEResponse(_completion_chunks(gen, model, texts if req.echo else None,
+        return SSEResponse(_completion_chunks(gen, model, texts if req.echo else None,
                                                include_usage, req.logprobs), gen.close)
     try:
         finals = await run_until_disconnect(request, _collect(gen))
-    except _ClientGone:
+    except ClientGone:
         return Response(status_code=499)
     finally:
         gen.close()
@@ -500,7 +344,7 @@ async def completions(request: Request):
                                              usage=usage).model_dump())
 
 
-async def _submit(gen: _Generation) -> None:
+async def _submit(gen: Generation) -> None:
     try:
         await gen.submit()
     except QueueFullError as e:
@@ -511,7 +355,7 @@ async def _submit(gen: _Generation) -> None:
         raise APIError(400, str(e), _param_of(str(e))) from None
 
 
-async def _collect(gen: _Generation) -> list:
+async def _collect(gen: Generation) -> list:
     finals = [None] * len(gen.prompts)
     async for i, out in gen.outputs():
         finals[i] = out
@@ -558,7 +402,7 @@ def _chat_logprobs(st, token_ids, logprobs, top_n: int) -> P.ChatLogprobs:
     return P.ChatLogprobs(content=content)
 
 
-async def _completion_chunks(gen: _Generation, model: str, echo_texts, include_usage: bool,
+async def _completion_chunks(gen: Generation, model: str, echo_texts, include_usage: bool,
                              logprobs):
     st, n = gen.state, gen.params.n
     offsets: dict[int, int] = {}
@@ -584,16 +428,16 @@ async def _completion_chunks(gen: _Generation, model: str, echo_texts, include_u
                     logprobs=_completion_logprobs(st, o.token_ids, o.logprobs, off)
                     if logprobs is not None else None))
             if choices:
-                yield _sse(P.CompletionResponse(id=gen.base_id, model=model, choices=choices))
+                yield sse(P.CompletionResponse(id=gen.base_id, model=model, choices=choices))
         if include_usage:
             usage = P.UsageInfo(prompt_tokens=prompt_tokens,
                                 completion_tokens=gen.completion_tokens,
                                 total_tokens=prompt_tokens + gen.completion_tokens)
-            yield _sse(P.CompletionResponse(id=gen.base_id, model=model, choices=[],
+            yield sse(P.CompletionResponse(id=gen.base_id, model=model, choices=[],
                                             usage=usage))
     except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
         logger.warning("stream %s failed: %r", gen.base_id, e)
-        yield _error_chunk(e)
+        yield error_chunk(e)
     yield "data: [DONE]\n\n"
 
 
@@ -614,14 +458,14 @@ async def chat_completions(request: Request):
         raise APIError(400, f"prompt has {len(ids)} tokens, no room under "
                        f"max_model_len={st.max_model_len}", "messages")
     params = make_sampling_params(req, st, max_tokens, logprobs)
-    gen = _Generation(st, f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.priority,
+    gen = Generation(st, f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.priority,
                       "delta" if req.stream else "cumulative")
     await _submit(gen)
     if req.stream:
-        return _SSEResponse(_chat_chunks(gen, model, include_usage, logprobs), gen.close)
+        return SSEResponse(_chat_chunks(gen, model, include_usage, logprobs), gen.close)
     try:
         finals = await run_until_disconnect(request, _collect(gen))
-    except _ClientGone:
+    except ClientGone:
         return Response(status_code=499)
     finally:
         gen.close()
@@ -638,14 +482,14 @@ async def chat_completions(request: Request):
                                                  usage=usage).model_dump())
 
 
-async def _chat_chunks(gen: _Generation, model: str, include_usage: bool, logprobs):
+async def _chat_chunks(gen: Generation, model: str, include_usage: bool, logprobs):
     st = gen.state
     prompt_tokens = len(gen.prompts[0])
     started: set[int] = set()
     try:
         for k in range(gen.params.n):
             started.add(k)
-            yield _sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[
+            yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[
                 P.ChatChunkChoice(index=k, delta=P.DeltaMessage(role="assistant",
                                                                 content=""))]))
         async for _, out in gen.outputs():
@@ -662,16 +506,16 @@ async def _chat_chunks(gen: _Generation, model: str, include_usage: bool, logpro
                     logprobs=_chat_logprobs(st, o.token_ids, o.logprobs, logprobs)
                     if logprobs is not None else None))
             if choices:
-                yield _sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=choices))
+                yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=choices))
         if include_usage:
             usage = P.UsageInfo(prompt_tokens=prompt_tokens,
                                 completion_tokens=gen.completion_tokens,
                                 total_tokens=prompt_tokens + gen.completion_tokens)
-            yield _sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[],
+            yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[],
                                              usage=usage))
     except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
         logger.warning("stream %s failed: %r", gen.base_id, e)
-        yield _error_chunk(e)
+        yield error_chunk(e)
     yield "data: [DONE]\n\n"
 
 
@@ -802,7 +646,7 @@ def run_server(args) -> int:
 
     cfg = serve_config_from_args(args)
     if cfg.enable_log_requests:
-        request_logger.setLevel(logging.INFO)
+        logging.getLogger("jpaged.serve.requests").setLevel(logging.INFO)
     engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
     llm = AsyncLLM(engine, max_queue_len=args.max_queue_len)
     app = build_app(llm, cfg)
