@@ -63,6 +63,9 @@ class EngineConfig:
     swap_space: float = 4.0  # GiB of host memory for swap preemption
     attention_backend: str = "auto"
     max_logprobs: int = 20
+    # Compile every step bucket at start-up (serving). False compiles on first
+    # use instead: quicker starts for scripts that touch few shapes.
+    compile_all_buckets: bool = True
 
 
 @dataclass
@@ -144,7 +147,7 @@ class LLMEngine:
         if max_tokens < config.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={max_tokens} must be at least "
                              f"max_num_seqs={config.max_num_seqs}")
-        per_block = kv_bytes_per_block(mc, config.block_size)
+        per_block = kv_bytes_per_block(mc, config.block_size, backend)
         num_blocks = self._num_blocks(per_block, params)
         num_host = (int(config.swap_space * (1 << 30)) // per_block
                     if config.preemption_mode == "swap" else 0)
@@ -162,7 +165,8 @@ class LLMEngine:
             max_model_len=max_model_len, backend=backend, max_logprobs=config.max_logprobs,
             num_host_blocks=num_host))
         start = time.perf_counter()
-        self.runner.warmup()
+        if config.compile_all_buckets:
+            self.runner.warmup()
         logger.info("warm-up: %d compiles in %.2fs", self.runner.num_compiles,
                     time.perf_counter() - start)
         self.max_model_len = max_model_len
@@ -301,7 +305,7 @@ class LLMEngine:
             if out.freed_req_ids:
                 self.runner._release_rows(out.freed_req_ids)
             return []
-        self._record_utilization()
+        self._record_utilization(out)
         results = self.runner.execute(out)
         samples = [[r.token for r in rows] for rows in results]
         updated = self.scheduler.update_from_output(out, samples)
@@ -341,21 +345,26 @@ class LLMEngine:
             outputs.append(self._make_output(group, finished))
         return outputs
 
-    def _record_utilization(self) -> None:
-        """Peak KV usage, and the share of allocated KV slots holding a token
-        at the busiest step (after this step's allocation, before it runs)."""
+    def _record_utilization(self, out) -> None:
+        """Peak KV usage and concurrency, and the share of allocated KV slots
+        holding a token state at the busiest step (the most blocks in use),
+        counted after this step's writes."""
         self.peak_kv_usage = max(self.peak_kv_usage, self.kv.usage)
-        reqs = self.scheduler.running
-        self.peak_num_running = max(self.peak_num_running, len(reqs))
-        allocated = sum(len(self.kv.req_to_blocks.get(r.request_id, ())) for r in reqs)
-        if not allocated:
-            return
+        self.peak_num_running = max(self.peak_num_running, len(self.scheduler.running))
         blocks = self.kv.num_blocks - 1 - self.kv.num_free_blocks
-        used_tokens = sum(r.num_tokens for r in reqs)
-        if blocks >= self.peak_slot_utilization[1]:
-            # Shared blocks count once; slots are what the pool hands out.
-            held = blocks * self.kv.block_size
-            self.peak_slot_utilization = (min(1.0, used_tokens / held) if held else 0.0, blocks)
+        if not blocks or blocks < self.peak_slot_utilization[1]:
+            return
+        scheduled = {sr.request.request_id: sr.num_new_tokens for sr in out.scheduled}
+        # Each block counted once: a block shared by forks or prefix hits holds
+        # its tokens once.
+        filled: dict[int, int] = {}
+        for r in self.scheduler.running:
+            n = r.num_computed_tokens + scheduled.get(r.request_id, 0)
+            for j, b in enumerate(self.kv.req_to_blocks.get(r.request_id, ())):
+                filled[b.block_id] = max(filled.get(b.block_id, 0),
+                                         min(self.kv.block_size, n - j * self.kv.block_size))
+        self.peak_slot_utilization = (sum(filled.values()) / (blocks * self.kv.block_size),
+                                      blocks)
 
     def _process_token(self, group: _Group, req: Request, res) -> None:
         sp = req.sampling_params

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 _MAX_SEED = 2**63 - 1
+_INT32 = 2**31
 
 
 @dataclass
@@ -74,8 +75,8 @@ class SamplingParams:
             bad("temperature", "must be >= 0")
         if not 0 < number("top_p") <= 1:
             bad("top_p", "must be in (0, 1]")
-        if integer("top_k") < 0:
-            bad("top_k", "must be 0 or -1 (disabled) or positive")
+        if not 0 <= integer("top_k") < _INT32:
+            bad("top_k", "must be 0 or -1 (disabled) or a positive 32-bit integer")
         if not 0 <= number("min_p") <= 1:
             bad("min_p", "must be in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -85,19 +86,19 @@ class SamplingParams:
             bad("repetition_penalty", "must be in (0, 10]")
         if self.seed is not None and not 0 <= integer("seed") <= _MAX_SEED:
             bad("seed", f"must be in [0, {_MAX_SEED}]")
-        if self.max_tokens is not None and integer("max_tokens") < 1:
-            bad("max_tokens", "must be at least 1")
-        if integer("min_tokens") < 0:
-            bad("min_tokens", "must be >= 0")
+        if self.max_tokens is not None and not 1 <= integer("max_tokens") < _INT32:
+            bad("max_tokens", "must be a positive 32-bit integer")
+        if not 0 <= integer("min_tokens") < _INT32:
+            bad("min_tokens", "must be a non-negative 32-bit integer")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
         if self.logprobs is not None and not 0 <= integer("logprobs"):
             bad("logprobs", "must be >= 0")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < _INT32
                    for t in self.stop_token_ids):
-            bad("stop_token_ids", "must be non-negative integers")
+            bad("stop_token_ids", "must be non-negative 32-bit integers")
 
     @property
     def greedy(self) -> bool:

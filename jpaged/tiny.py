@@ -145,8 +145,12 @@ def make_tiny_model(
     num_shards: int = 1,
     seed: int = 0,
     init_std: float = 0.05,
+    write_weights: bool = True,
 ) -> str:
-    """Write a random-weight Hugging Face checkpoint to ``path`` and return it."""
+    """Write a random-weight Hugging Face checkpoint to ``path`` and return it.
+
+    ``write_weights=False`` writes only config and tokenizer, for
+    ``load_format="dummy"`` runs of large shapes."""
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r} is not supported; choose one of {', '.join(ARCHS)}")
     from transformers import PreTrainedTokenizerFast
@@ -174,6 +178,8 @@ def make_tiny_model(
         "pad_token_id": tok.token_to_id(PAD), "attention_bias": False,
         "sliding_window": sliding_window, "use_cache": True,
     }
+    if rope_scaling is None:
+        del cfg["rope_scaling"]
     if model_type == "qwen2":
         cfg["use_sliding_window"] = sliding_window is not None
         cfg["max_window_layers"] = num_hidden_layers
@@ -182,7 +188,8 @@ def make_tiny_model(
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos_id,
                    "pad_token_id": cfg["pad_token_id"]}, f, indent=2)
-    _save_safetensors(_weights(cfg, dtype, seed, init_std), path, num_shards)
+    if write_weights:
+        _save_safetensors(_weights(cfg, dtype, seed, init_std), path, num_shards)
     return path
 
 

@@ -103,3 +103,19 @@ def test_prefix_caching_hits_and_same_output(llama_dir):
     ref = run_greedy(uncached, prompts, max_tokens=8)
     assert [first.outputs[0].token_ids, second.outputs[0].token_ids] == ref
     assert_all_blocks_free(cached)
+
+
+def test_pallas_backend_interpreted_equals_reference_and_hf(llama_dir):
+    """attention_backend='pallas' on CPU runs the kernels with interpret=True:
+    the decode kernel for decode-only steps, the ragged one for the rest."""
+    prompts = make_prompts(seed=2, lens=(1, 9, 20, 5))
+    cfg = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, block_size=8)
+    pallas = LLM(llama_dir, attention_backend="pallas", **cfg)
+    runner = pallas.llm_engine.runner
+    assert runner.cfg.backend == "pallas"
+    got = run_greedy(pallas, prompts, max_tokens=10)
+    assert got == run_greedy(LLM(llama_dir, attention_backend="reference", **cfg), prompts,
+                             max_tokens=10)
+    assert got == hf_greedy(llama_dir, prompts, max_tokens=10)
+    assert runner.num_compiles == 4  # 2 token buckets x (mixed, decode-only): no recompiles
+    assert_all_blocks_free(pallas)

@@ -178,6 +178,7 @@ def test_penalties_match_oracle_and_are_per_request(llm, llama_dir):
     (dict(repetition_penalty=0), "repetition_penalty=0"), (dict(seed=-1), "seed=-1"),
     (dict(logprobs=-1), "logprobs=-1"), (dict(temperature=float("nan")), "temperature=nan"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens=5"), (dict(stop=[""]), "stop"),
+    (dict(top_k=2**31), "top_k=2147483648"), (dict(stop_token_ids=[2**40]), "stop_token_ids"),
 ])
 def test_invalid_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):

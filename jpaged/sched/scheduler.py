@@ -142,7 +142,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
-        now = time.monotonic()
+        now = time.time()  # wall clock, as RequestMetrics.arrival_time
 
         i = 0
         while i < len(self.running) and budget > 0:

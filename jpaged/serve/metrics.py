@@ -100,8 +100,6 @@ class ServerMetrics:
         self.e2e.observe(max(0.0, end - m.arrival_time))
         sched = m.first_scheduled_time
         if sched is not None:
-            if abs(sched - m.arrival_time) > 1e6:  # a monotonic stamp: move it to wall time
-                sched += time.time() - time.monotonic()
             self.queue_time.observe(max(0.0, sched - m.arrival_time))
         reason = out.outputs[0].finish_reason if out.outputs else None
         self.success.labels(self.model_name, reason or "abort").inc()
