@@ -15,8 +15,7 @@ step donates them):
 Per-step inputs are padded to a bucket of the token count ``T`` (powers of
 two up to ``max_num_batched_tokens``); the sequence/sample-row count is
 ``S = min(T, max_num_seqs)``, so there is one compiled step per token bucket
-(two with the Pallas backend: decode-only and mixed), times a few
-block-table widths for the reference backend (`_ctx_buckets`). `warmup` compiles them
+(two with the Pallas backend: decode-only and mixed). `warmup` compiles them
 all at start-up; ``num_compiles`` counts traces of the step and must not
 move afterwards.
 """
@@ -113,9 +112,8 @@ class ModelRunner:
                         for _ in range(model_cfg.num_hidden_layers)] if cfg.num_host_blocks else []
         self.buckets = token_buckets(cfg.max_num_batched_tokens)
         self.num_compiles = 0
-        self.ctx_buckets = self._ctx_buckets()
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2),
-                             static_argnames=("decode_only", "num_ctx_blocks"))
+                             static_argnames=("decode_only",))
         self._gather_blocks = jax.jit(
             lambda kv, ids: [(k[ids], v[ids]) for k, v in kv])
         self._scatter_blocks = jax.jit(
@@ -123,12 +121,11 @@ class ModelRunner:
                                    for (k, v), (dk, dv) in zip(kv, data)], donate_argnums=(0,))
 
     # ----------------------------------------------------------- the step
-    def _step_impl(self, params, kv_caches, block_table, token_table, inp, decode_only=False,
-                   num_ctx_blocks=None):
+    def _step_impl(self, params, kv_caches, block_table, token_table, inp, decode_only=False):
         self.num_compiles += 1  # runs at trace time only
         t, s = inp["input_ids"].shape[0], inp["seq_rows"].shape[0]
-        logger.info("compiling step: %d tokens, %d sequences, %d context blocks%s", t, s,
-                    num_ctx_blocks, " (decode-only)" if decode_only else "")
+        logger.info("compiling step: %d tokens, %d sequences%s", t, s,
+                    " (decode-only)" if decode_only else "")
         block_table = block_table.at[inp["upd_rows"], inp["upd_cols"]].set(
             inp["upd_vals"], mode="drop")
         # Copy-on-write: duplicate shared blocks before anything writes them.
@@ -137,7 +134,7 @@ class ModelRunner:
                      for k, v in kv_caches]
         md = AttentionMetadata(
             slot_mapping=inp["slot_mapping"],
-            block_tables=block_table[inp["seq_rows"], :num_ctx_blocks],
+            block_tables=block_table[inp["seq_rows"]],
             context_lens=inp["context_lens"], query_start_loc=inp["query_start_loc"],
             backend=self.cfg.backend, decode_only=decode_only)
         model = nnx.merge(self.graphdef, params)
@@ -145,25 +142,6 @@ class ModelRunner:
         logits = model.compute_logits(hidden[inp["logits_indices"]])  # [S, V]
         results = sample(logits, inp["sampling"], token_table, self.cfg.max_logprobs)
         return kv_caches, block_table, results
-
-    def _ctx_buckets(self) -> list[int]:
-        """Block-table widths (in blocks) the step is compiled for.
-
-        The reference backend gathers every block-table column for every
-        token, so its cost grows with the table width: it gets power-of-two
-        widths from 256 tokens up to max_model_len (measured on XLA:CPU, a
-        64-sequence decode layer took 54 ms over 1024 tokens of table and 6 ms
-        over 256). Pallas kernels stop at each sequence's length and take the
-        full table.
-        """
-        full = self.max_blocks_per_seq
-        if self.cfg.backend != "reference":
-            return [full]
-        out, b = [], max(1, 256 // self.cfg.block_size)
-        while b < full:
-            out.append(b)
-            b *= 2
-        return out + [full]
 
     # ------------------------------------------------------------ warm-up
     def warmup(self) -> None:
@@ -173,16 +151,15 @@ class ModelRunner:
             for decode_only in variants:
                 if decode_only and prev >= self.cfg.max_num_seqs:
                     continue  # no decode step of <= max_num_seqs tokens lands here
-                for nctx in self.ctx_buckets:
-                    start = time.perf_counter()
-                    inp = self._empty_inputs(t)
-                    self.kv_caches, self.block_table, res = self._step(
-                        self.params, self.kv_caches, self.block_table, self.token_table, inp,
-                        decode_only=decode_only, num_ctx_blocks=nctx)
-                    jax.block_until_ready(res)
-                    logger.info("warm-up: %d tokens, %d context blocks%s ready in %.2fs", t,
-                                nctx, " (decode-only)" if decode_only else "",
-                                time.perf_counter() - start)
+                start = time.perf_counter()
+                inp = self._empty_inputs(t)
+                self.kv_caches, self.block_table, res = self._step(
+                    self.params, self.kv_caches, self.block_table, self.token_table, inp,
+                    decode_only=decode_only)
+                jax.block_until_ready(res)
+                logger.info("warm-up: bucket of %d tokens%s ready in %.2fs", t,
+                            " (decode-only)" if decode_only else "",
+                            time.perf_counter() - start)
 
     def _bucket(self, n: int) -> int:
         for b in self.buckets:
@@ -331,12 +308,9 @@ class ModelRunner:
         for j, (a, b) in enumerate(out.copies):
             inp["copy_src"][j], inp["copy_dst"][j] = a, b
 
-        max_ctx_blocks = max(cdiv(sr.request.num_computed_tokens + sr.num_new_tokens, bs)
-                             for sr in out.scheduled)
-        nctx = next(b for b in self.ctx_buckets if b >= max_ctx_blocks)
         self.kv_caches, self.block_table, res = self._step(
             self.params, self.kv_caches, self.block_table, self.token_table, inp,
-            decode_only=decode_only, num_ctx_blocks=nctx)
+            decode_only=decode_only)
         tokens, lp, rank, top_ids, top_lps = jax.device_get(res)
 
         results, r = [], 0

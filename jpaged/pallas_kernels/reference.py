@@ -104,3 +104,78 @@ def paged_decode_attention_reference(
     return ragged_paged_attention_reference(
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
         scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+
+
+def ragged_paged_attention_chunked(
+    q: jax.Array,  # [T, num_heads, head_dim]
+    k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: jax.Array,  # [S, max_blocks_per_seq] int32
+    context_lens: jax.Array,  # [S] int32
+    query_start_loc: jax.Array,  # [S + 1] int32
+    *,
+    scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    chunk_tokens: int = 64,
+) -> jax.Array:  # [T, num_heads, head_dim]
+    """The reference contract, computed the way a CPU can afford.
+
+    `ragged_paged_attention_reference` materialises every token's whole
+    block-table row of K and V (``T x max_len``), which on XLA:CPU costs far
+    more than the attention itself. This version walks the context in chunks
+    of ``chunk_tokens`` with an online softmax, for a trip count set at run
+    time by the longest context in the step, so it reads only what exists and
+    holds one chunk at a time. Same contract and results (to float rounding).
+    Measured on XLA:CPU (64 decode tokens, GQA 8/2, head_dim 64): 5.6 ms
+    against 27 ms over 1024 tokens of context, 0.8 ms against 28 ms over 100;
+    64-token chunks beat 128 and 256 (they stay in cache).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    group = num_heads // num_kv_heads
+    bpc = max(1, chunk_tokens // block_size)  # blocks per chunk
+    chunk = bpc * block_size
+
+    seq = token_seq_ids(query_start_loc, num_tokens)
+    valid_tok = seq < num_seqs
+    seq_c = jnp.minimum(seq, num_seqs - 1)
+    ctx = jnp.where(valid_tok, context_lens[seq_c], 0)  # [T]
+    q_len = query_start_loc[seq_c + 1] - query_start_loc[seq_c]
+    pos = ctx - q_len + (jnp.arange(num_tokens) - query_start_loc[seq_c])  # [T]
+    pad = -max_blocks % bpc
+    tok_blocks = jnp.pad(block_tables, ((0, 0), (0, pad)))[seq_c]  # [T, max_blocks + pad]
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32) * scale
+
+    def body(i, carry):
+        m, l, acc = carry  # [T, kvh, g], [T, kvh, g], [T, kvh, g, D]
+        cols = jax.lax.dynamic_slice_in_dim(tok_blocks, i * bpc, bpc, axis=1)  # [T, bpc]
+        # [T, chunk, kvh, D] -> [T, kvh, chunk, D]: batch dims leading for the dots.
+        k = k_cache[cols].reshape(num_tokens, chunk, num_kv_heads, head_dim)
+        v = v_cache[cols].reshape(num_tokens, chunk, num_kv_heads, head_dim)
+        k = jnp.swapaxes(k, 1, 2).astype(jnp.float32)
+        v = jnp.swapaxes(v, 1, 2).astype(jnp.float32)
+        s = jnp.einsum("tkgd,tkcd->tkgc", qg, k)
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = i * chunk + jnp.arange(chunk)[None, :]  # [1, chunk]
+        mask = (kv_pos <= pos[:, None]) & (kv_pos < ctx[:, None])
+        if sliding_window is not None:
+            mask &= kv_pos > pos[:, None] - sliding_window
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(jnp.where(jnp.isfinite(m), m, 0.0) - m_safe)
+        l = l * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum("tkgc,tkcd->tkgd", p, v)
+        return m_new, l, acc
+
+    shape = (num_tokens, num_kv_heads, group)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    num_chunks = (jnp.max(ctx) + chunk - 1) // chunk
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    out = acc / jnp.where(l == 0, 1.0, l)[..., None]
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
