@@ -69,17 +69,19 @@ def test_greedy_equals_hf_each_arch(request, arch):
     assert_all_blocks_free(llm)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("case", [
     dict(block_size=8, max_num_batched_tokens=16),  # chunked prefill, small blocks
     dict(block_size=8, enable_prefix_caching=False),
     dict(block_size=16, num_kv_blocks=12),  # preemption by recompute
     dict(block_size=8, num_kv_blocks=20, preemption_mode="swap", swap_space=0.01),
 ], ids=["chunked-bs8", "no-prefix-cache", "preempt-recompute", "preempt-swap"])
-def test_greedy_equals_hf_under_pressure(llama_dir, case):
+def test_greedy_equals_hf_under_pressure(request, arch, case):
+    model_dir = request.getfixturevalue(f"{arch}_dir")
     prompts = make_prompts(seed=1)
     cfg = {**SMALL, **case}
-    llm = LLM(llama_dir, **cfg)
-    assert run_greedy(llm, prompts) == hf_greedy(llama_dir, prompts)
+    llm = LLM(model_dir, **cfg)
+    assert run_greedy(llm, prompts) == hf_greedy(model_dir, prompts)
     stats = llm.llm_engine.get_stats()
     if "num_kv_blocks" in case:
         assert stats.num_preemptions > 0, "the KV budget was meant to force preemption"
@@ -119,3 +121,22 @@ def test_pallas_backend_interpreted_equals_reference_and_hf(llama_dir):
     assert got == hf_greedy(llama_dir, prompts, max_tokens=10)
     assert runner.num_compiles == 4  # 2 token buckets x (mixed, decode-only): no recompiles
     assert_all_blocks_free(pallas)
+
+
+def test_priority_policy_orders_waiting_requests(llama_dir):
+    """Under scheduling_policy='priority' a lower priority value runs first;
+    under FCFS arrival order wins."""
+    prompts = make_prompts(seed=3, lens=(5, 6, 7))
+    params = SamplingParams(temperature=0, max_tokens=4)
+    for policy, prio, expect in [("priority", [5, 0, 1], ["1", "2", "0"]),
+                                 ("fcfs", [5, 0, 1], ["0", "1", "2"])]:
+        llm = LLM(llama_dir, max_num_seqs=1, max_num_batched_tokens=16, max_model_len=64,
+                  block_size=8, scheduling_policy=policy)
+        e = llm.llm_engine
+        for i, (p, pr) in enumerate(zip(prompts, prio)):
+            e.add_request(str(i), p, params, priority=pr)
+        order = []
+        while e.has_unfinished_requests():
+            order += [o.request_id for o in e.step() if o.finished]
+        assert order == expect, policy
+        assert_all_blocks_free(llm)

@@ -151,6 +151,9 @@ def ragged_paged_attention_chunked(
     def body(i, carry):
         m, l, acc = carry  # [T, kvh, g], [T, kvh, g], [T, kvh, g, D]
         cols = jax.lax.dynamic_slice_in_dim(tok_blocks, i * bpc, bpc, axis=1)  # [T, bpc]
+        # Tokens whose context ended read the null block instead: the same
+        # cached lines again, rather than other sequences' stale blocks.
+        cols = jnp.where(i * chunk < ctx[:, None], cols, 0)
         # [T, chunk, kvh, D] -> [T, kvh, chunk, D]: batch dims leading for the dots.
         k = k_cache[cols].reshape(num_tokens, chunk, num_kv_heads, head_dim)
         v = v_cache[cols].reshape(num_tokens, chunk, num_kv_heads, head_dim)
