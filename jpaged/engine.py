@@ -148,7 +148,16 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={max_tokens} must be at least "
                              f"max_num_seqs={config.max_num_seqs}")
         per_block = kv_bytes_per_block(mc, config.block_size, backend)
-        num_blocks = self._num_blocks(per_block, params)
+
+        def runner_config(num_blocks: int, num_host: int = 0) -> RunnerConfig:
+            return RunnerConfig(
+                num_blocks=num_blocks, block_size=config.block_size,
+                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
+                max_model_len=max_model_len, backend=backend,
+                max_logprobs=config.max_logprobs, num_host_blocks=num_host)
+
+        num_blocks = self._num_blocks(
+            per_block, lambda: ModelRunner(mc, graphdef, params, runner_config(2)))
         num_host = (int(config.swap_space * (1 << 30)) // per_block
                     if config.preemption_mode == "swap" else 0)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), %d host swap blocks",
@@ -159,11 +168,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
             max_model_len=max_model_len, scheduling_policy=config.scheduling_policy,
             preemption_mode=config.preemption_mode), self.kv)
-        self.runner = ModelRunner(mc, graphdef, params, RunnerConfig(
-            num_blocks=num_blocks, block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
-            max_model_len=max_model_len, backend=backend, max_logprobs=config.max_logprobs,
-            num_host_blocks=num_host))
+        self.runner = ModelRunner(mc, graphdef, params, runner_config(num_blocks, num_host))
         start = time.perf_counter()
         if config.compile_all_buckets:
             self.runner.warmup()
@@ -194,7 +199,11 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def _num_blocks(self, per_block: int, params) -> int:
+    def _num_blocks(self, per_block: int, probe_runner) -> int:
+        """KV blocks from num_kv_blocks, kv_cache_memory, or on a GPU the
+        gpu_memory_utilization share of device memory left after the weights
+        and the largest step's profiled activations (``probe_runner()`` builds a
+        runner with a two-block cache whose compiled step XLA measures)."""
         c = self.config
         if c.num_kv_blocks is not None:
             if c.num_kv_blocks < 2:
@@ -209,12 +218,8 @@ class LLMEngine:
             stats = jax.devices()[0].memory_stats() or {}
             limit = stats.get("bytes_limit", 0)
             used = stats.get("bytes_in_use", 0)  # the weights, loaded already
-            # Activations of the largest step: about 24 hidden-size vectors per
-            # token plus the logits; generous, so that the step never OOMs.
-            mc = self.model_config
-            tokens = self.config.max_num_batched_tokens or 2048
-            act = tokens * (24 * mc.hidden_size + 2 * mc.intermediate_size) * 4
-            act += self.config.max_num_seqs * mc.vocab_size * 4 * 4
+            act = probe_runner().activation_bytes()
+            logger.info("profiled activation peak of the largest step: %.1f MiB", act / 2**20)
             budget = int(limit * c.gpu_memory_utilization) - used - act
         else:
             budget = CPU_DEFAULT_KV_MEMORY

@@ -169,6 +169,21 @@ class ModelRunner:
                             " (decode-only)" if decode_only else "",
                             time.perf_counter() - start)
 
+    def activation_bytes(self) -> int:
+        """Temporary device memory of the largest step, from XLA's memory
+        analysis of the compiled program (what the KV budget must leave free)."""
+        variants = [False, True] if self.cfg.backend == "pallas" else [False]
+        peak = 0
+        for decode_only in variants:
+            t = self.buckets[-1] if not decode_only else self._bucket(
+                min(self.cfg.max_num_seqs, self.buckets[-1]))
+            compiled = self._step.lower(
+                self.params, self.kv_caches, self.block_table, self.token_table,
+                self._empty_inputs(t), decode_only=decode_only).compile()
+            stats = compiled.memory_analysis()
+            peak = max(peak, int(getattr(stats, "temp_size_in_bytes", 0) or 0))
+        return peak
+
     def _bucket(self, n: int) -> int:
         for b in self.buckets:
             if b >= n:
