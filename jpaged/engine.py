@@ -308,7 +308,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             if out.freed_req_ids:
-                self.runner._release_rows(out.freed_req_ids)
+                self.runner.release_rows(out.freed_req_ids)
             return []
         self._record_utilization(out)
         results = self.runner.execute(out)

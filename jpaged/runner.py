@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jpaged.attention import AttentionMetadata
+from jpaged.cache.kv_cache_manager import cdiv
 from jpaged.config import ModelConfig
 from jpaged.sampler import SamplingMetadata, sample
 from jpaged.sched.scheduler import SchedulerOutput
@@ -39,10 +40,6 @@ from jpaged.sched.scheduler import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 MAX_BANNED = 16  # token ids a row can ban at once (EOS + stop_token_ids during min_tokens)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def kv_cache_dtype(cfg: ModelConfig, backend: str):
@@ -212,7 +209,7 @@ class ModelRunner:
         )
 
     # ------------------------------------------------------ rows and swaps
-    def _release_rows(self, req_ids) -> None:
+    def release_rows(self, req_ids) -> None:
         for rid in req_ids:
             row = self.rows.pop(rid, None)
             if row is not None:
@@ -250,7 +247,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, num_logprobs: dict[str, int] | None = None
                 ) -> list[list[SampleResult]]:
         """Run one step. Returns, per scheduled request, one result per sample row."""
-        self._release_rows(out.freed_req_ids)
+        self.release_rows(out.freed_req_ids)
         self._swap(out)
         cfg, bs = self.cfg, self.cfg.block_size
         num_tokens = out.num_scheduled_tokens

@@ -65,9 +65,14 @@ def main() -> int:
     path = os.path.join(tempfile.gettempdir(), "jpaged-llama3-8b-shape" + ("-smoke" * args.smoke))
     make_tiny_model(path, arch="llama", dtype="bfloat16", write_weights=False, **shape)
     max_len = args.prompt_len + args.steps + 16
+    block_size = 16
+    # An explicit cache size skips the activation profiling (two more compiles
+    # of the 8B step); this holds every sequence of the largest batch.
+    num_blocks = 1 + args.max_batch * -(-max_len // block_size) + 64
     engine = LLMEngine(EngineConfig(
         model=path, load_format="dummy", dtype="bfloat16", max_model_len=max_len,
         max_num_seqs=args.max_batch, max_num_batched_tokens=max(args.max_batch, 512),
+        block_size=block_size, num_kv_blocks=num_blocks,
         compile_all_buckets=False, enable_prefix_caching=False))
     params = jax.tree.leaves(engine.runner.params)
     param_bytes = sum(p.size * p.dtype.itemsize for p in params)
