@@ -5,10 +5,11 @@
 2. The model is built abstractly (`nnx.eval_shape`), so no memory is spent
    on initial weights; `nnx.split` gives its graph definition and the
    abstract parameter state, whose paths are the checkpoint's tensor names.
-3. Each tensor is read from safetensors (one file, or the shards listed in
-   ``model.safetensors.index.json``), checked against the expected shape,
-   cast and put on the device one at a time, so host memory peaks near one
-   copy of the weights.
+3. Each parameter is read from safetensors (one file, or the shards listed
+   in ``model.safetensors.index.json``; fused projections stack their
+   checkpoint tensors, see `checkpoint_names`), checked against the expected
+   shape, cast and put on the device one at a time, so host memory peaks
+   near one copy of the weights.
 
 ``load_format="dummy"`` initialises seeded random weights of the right shapes
 from ``config.json`` alone (benchmarks). Converted params can be written with
@@ -29,6 +30,7 @@ from flax import nnx
 
 from jpaged.config import ModelConfig
 from jpaged.models import get_model_class
+from jpaged.models.llama import checkpoint_names
 
 logger = logging.getLogger(__name__)
 
@@ -96,27 +98,31 @@ def _dummy_params(cfg: ModelConfig, seed: int):
 
 
 def _load_safetensors(model_dir: str, abstract, cfg: ModelConfig):
+    import contextlib
+
     from safetensors import safe_open
 
     files = _safetensors_files(model_dir)
     flat = nnx.to_flat_state(abstract)
-    by_file: dict[str, list] = {}
-    for path, var in flat:
-        name = param_name(path)
-        if name not in files:
-            raise ValueError(f"checkpoint {model_dir!r} is missing tensor {name!r} "
-                             f"(expected shape {tuple(var.shape)})")
-        by_file.setdefault(files[name], []).append((path, name, var))
     loaded = {}
-    for fname, entries in by_file.items():
-        with safe_open(fname, framework="numpy") as f:
-            for path, name, var in entries:
-                arr = f.get_tensor(name)
-                if tuple(arr.shape) != tuple(var.shape):
-                    raise ValueError(f"tensor {name!r} in {fname!r} has shape "
-                                     f"{tuple(arr.shape)}, expected {tuple(var.shape)}")
-                loaded[path] = jax.device_put(jnp.asarray(arr, dtype=cfg.jnp_dtype))
-                del arr
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="numpy"))
+                   for f in sorted(set(files.values()))}
+        for path, var in flat:
+            names = checkpoint_names(param_name(path))
+            for name in names:
+                if name not in files:
+                    raise ValueError(f"checkpoint {model_dir!r} is missing tensor {name!r} "
+                                     f"(part of parameter {param_name(path)!r}, shape "
+                                     f"{tuple(var.shape)})")
+            parts = [handles[files[n]].get_tensor(n) for n in names]
+            arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            if tuple(arr.shape) != tuple(var.shape):
+                got = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(names, parts))
+                raise ValueError(f"tensor {got} has the wrong shape: expected "
+                                 f"{tuple(var.shape)} in total")
+            loaded[path] = jax.device_put(jnp.asarray(arr, dtype=cfg.jnp_dtype))
+            del arr, parts
     return nnx.from_flat_state([(p, v.replace(loaded[p])) for p, v in flat])
 
 

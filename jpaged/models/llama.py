@@ -4,7 +4,11 @@ The three architectures share one decoder; the differences are config
 switches (Qwen2's q/k/v biases, Mistral's sliding window, Llama-3.1's rope
 scaling, tied embeddings, an explicit ``head_dim``). Parameter names and
 shapes mirror the Hugging Face checkpoint (``weight`` is ``[out, in]``), so
-the loader maps a safetensors name to a parameter path by splitting on dots.
+the loader maps a parameter path to a safetensors name by joining with dots,
+except for two fused projections (`FUSED`): ``qkv_proj`` stacks q/k/v and
+``gate_up_proj`` stacks gate/up along the output dimension, so a step runs
+two matmuls where it would run five (measured on XLA:CPU, 8 layers of the
+30M model: 6.1 ms against 7.5 ms at 8 tokens, 19.5 against 20.8 at 128).
 
 The forward pass runs a flat batch of ``T`` tokens from any number of
 sequences: attention inputs (positions, the per-layer KV cache, and the
@@ -25,6 +29,20 @@ from jpaged.attention import AttentionMetadata, paged_attention
 from jpaged.config import ModelConfig
 
 KVCache = list  # [(k_cache, v_cache)] per layer, see jpaged.attention
+
+# Fused parameter -> the checkpoint tensors it stacks along the output dim.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def checkpoint_names(param: str) -> list[str]:
+    """Hugging Face tensor names that make up one parameter (in stacking order)."""
+    for fused, parts in FUSED.items():
+        key = f".{fused}."
+        if key in param:
+            prefix, suffix = param.split(key)
+            return [f"{prefix}.{part}.{suffix}" for part in parts]
+    return [param]
 
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -97,18 +115,19 @@ class Attention(nnx.Module):
         h, d, dt = cfg.hidden_size, cfg.head_dim, cfg.jnp_dtype
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, d)
-        self.q_proj = Linear(h, self.num_heads * d, cfg.attention_bias, dt, rngs)
-        self.k_proj = Linear(h, self.num_kv_heads * d, cfg.attention_bias, dt, rngs)
-        self.v_proj = Linear(h, self.num_kv_heads * d, cfg.attention_bias, dt, rngs)
+        self.qkv_proj = Linear(h, (self.num_heads + 2 * self.num_kv_heads) * d,
+                               cfg.attention_bias, dt, rngs)
         self.o_proj = Linear(self.num_heads * d, h, False, dt, rngs)
         self.scale = d ** -0.5
         self.sliding_window = cfg.sliding_window
 
     def __call__(self, x, positions, inv_freq, kv_cache, md: AttentionMetadata):
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
+        q = qkv[:, :nq].reshape(t, self.num_heads, self.head_dim)
+        k = qkv[:, nq:nq + nkv].reshape(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, nq + nkv:].reshape(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out, kv_cache = paged_attention(q, k, v, kv_cache, md, scale=self.scale,
                                         sliding_window=self.sliding_window)
@@ -118,12 +137,14 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         h, i, b, dt = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.jnp_dtype
-        self.gate_proj = Linear(h, i, b, dt, rngs)
-        self.up_proj = Linear(h, i, b, dt, rngs)
+        self.gate_up_proj = Linear(h, 2 * i, b, dt, rngs)
         self.down_proj = Linear(i, h, b, dt, rngs)
+        self.intermediate_size = i
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)  # [T, 2 * I]
+        i = self.intermediate_size
+        return self.down_proj(jax.nn.silu(gate_up[:, :i]) * gate_up[:, i:])
 
 
 class DecoderLayer(nnx.Module):
