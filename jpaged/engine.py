@@ -312,12 +312,13 @@ class LLMEngine:
             return []
         self._record_utilization(out)
         results = self.runner.execute(out)
+        # Prompt tokens computed this step (recomputed ones after preemption too).
+        self.prompt_tokens_total += sum(
+            max(0, min(r.num_computed_tokens + sr.num_new_tokens, r.num_prompt_tokens)
+                - r.num_computed_tokens)
+            for sr in out.scheduled for r in [sr.request])
         samples = [[r.token for r in rows] for rows in results]
         updated = self.scheduler.update_from_output(out, samples)
-        self.prompt_tokens_total += sum(
-            min(sr.num_new_tokens, max(0, sr.request.num_prompt_tokens - (
-                sr.request.num_computed_tokens - sr.num_new_tokens)))
-            for sr in out.scheduled)
         by_req = {}
         for sr, rows in zip(out.scheduled, results):
             for k, res in enumerate(rows):
