@@ -18,6 +18,7 @@ Example: python scripts/bench_throughput.py --num-prompts 128
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -97,7 +98,9 @@ def main():
             make_tiny_model(model, arch="llama", vocab_size=8192, hidden_size=512,
                             intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=2, max_position_embeddings=4096)
-    prompts, out_lens = workload(args.num_prompts, args.length_scale, args.seed, 8192,
+    with open(os.path.join(model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    prompts, out_lens = workload(args.num_prompts, args.length_scale, args.seed, vocab,
                                  args.max_model_len)
     n_out, n_in = sum(out_lens), sum(map(len, prompts))
     print(f"workload: {len(prompts)} requests, {n_in} prompt tokens (mean "
