@@ -71,7 +71,9 @@ def main() -> int:
     num_blocks = 1 + args.max_batch * -(-max_len // block_size) + 64
     engine = LLMEngine(EngineConfig(
         model=path, load_format="dummy", dtype="bfloat16", max_model_len=max_len,
-        max_num_seqs=args.max_batch, max_num_batched_tokens=max(args.max_batch, 512),
+        # A budget of one prompt: every prefill step has the same shape, so the
+        # run compiles three steps (prefill, decode at 1, decode at max_batch).
+        max_num_seqs=args.max_batch, max_num_batched_tokens=max(args.max_batch, args.prompt_len),
         block_size=block_size, num_kv_blocks=num_blocks,
         compile_all_buckets=False, enable_prefix_caching=False))
     params = jax.tree.leaves(engine.runner.params)
