@@ -244,8 +244,7 @@ class ModelRunner:
         return np.concatenate([a, np.full(n - len(a), fill, a.dtype)])
 
     # ------------------------------------------------------------ execute
-    def execute(self, out: SchedulerOutput, num_logprobs: dict[str, int] | None = None
-                ) -> list[list[SampleResult]]:
+    def execute(self, out: SchedulerOutput) -> list[list[SampleResult]]:
         """Run one step. Returns, per scheduled request, one result per sample row."""
         self.release_rows(out.freed_req_ids)
         self._swap(out)
