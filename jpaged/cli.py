@@ -1,4 +1,5 @@
-"""The ``jpaged`` command: ``generate`` (offline batch) and ``serve`` (HTTP).
+"""The ``jpaged`` command: ``generate`` (offline batch), ``chat`` (terminal)
+and ``serve`` (HTTP). Benchmarks are scripts under ``scripts/``.
 
 Engine flags are named as ``vllm serve`` names them, so a vLLM command line
 carries over. ``jpaged generate`` with no ``--model`` runs the built-in demo
@@ -141,6 +142,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """A terminal chat: each line of stdin is a user turn; the conversation
+    goes through the model's chat template; ``/reset`` starts over."""
+    from jpaged import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sampling_seed)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("user> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = llm.chat(messages, params, use_tqdm=False,
+                         chat_template=args.chat_template)[0].outputs[0].text
+        messages.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jpaged", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING")
@@ -152,6 +182,11 @@ def main(argv=None) -> int:
     gen.add_argument("--output", help="write results as JSONL to this file")
     add_engine_args(gen)
     add_sampling_args(gen)
+    chat = sub.add_parser("chat", help="chat with a model in the terminal (stdin lines)")
+    chat.add_argument("--system", default=None, help="a system message")
+    chat.add_argument("--chat-template", default=None, help="override the model's template")
+    add_engine_args(chat)
+    add_sampling_args(chat)
     try:
         from jpaged.serve.args import add_serve_args
     except ImportError:
@@ -166,6 +201,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "chat":
+            return cmd_chat(args)
         from jpaged.serve.server import run_server
 
         return run_server(args)

@@ -42,3 +42,18 @@ def test_generate_bad_flag_value_is_a_clear_error(tmp_path):
          "--model", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "top_p=0" in proc.stderr
+
+
+def test_chat_keeps_the_conversation(tmp_path, llama_dir):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jpaged.cli", "chat", "--model", llama_dir, "--max-tokens", "5",
+         "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--max-model-len", "256",
+         "--system", "be brief"],
+        input="hello\n\nhello\n/reset\nhello\n", env=env, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replies = [line for line in proc.stdout.splitlines() if line.startswith("assistant> ")]
+    assert len(replies) == 3  # the blank line is skipped
+    # Greedy decoding: after /reset the same question gets the first answer again.
+    assert replies[2] == replies[0]
