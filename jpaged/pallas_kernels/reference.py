@@ -38,6 +38,19 @@ def token_seq_ids(query_start_loc: jax.Array, num_tokens: int) -> jax.Array:
     return jnp.searchsorted(query_start_loc[1:], t, side="right").astype(jnp.int32)
 
 
+def token_layout(query_start_loc, context_lens, num_tokens: int):
+    """Per token: its sequence (clamped), whether it is real, its sequence's
+    context length (0 for padding) and its position. All ``[T]``."""
+    num_seqs = context_lens.shape[0]
+    seq = token_seq_ids(query_start_loc, num_tokens)
+    valid = seq < num_seqs
+    seq_c = jnp.minimum(seq, num_seqs - 1)
+    ctx = jnp.where(valid, context_lens[seq_c], 0)
+    q_len = query_start_loc[seq_c + 1] - query_start_loc[seq_c]
+    pos = ctx - q_len + (jnp.arange(num_tokens) - query_start_loc[seq_c])
+    return seq_c, valid, ctx, pos
+
+
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, num_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -53,16 +66,11 @@ def ragged_paged_attention_reference(
     """Attention of ragged query tokens over their sequences' paged KV."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    num_seqs, max_blocks = block_tables.shape
+    max_blocks = block_tables.shape[1]
     group = num_heads // num_kv_heads
     max_len = max_blocks * block_size
 
-    seq = token_seq_ids(query_start_loc, num_tokens)  # [T]
-    valid_tok = seq < num_seqs
-    seq_c = jnp.minimum(seq, num_seqs - 1)
-    ctx = jnp.where(valid_tok, context_lens[seq_c], 0)  # [T]
-    q_len = query_start_loc[seq_c + 1] - query_start_loc[seq_c]
-    pos = ctx - q_len + (jnp.arange(num_tokens) - query_start_loc[seq_c])  # [T]
+    seq_c, valid_tok, ctx, pos = token_layout(query_start_loc, context_lens, num_tokens)
 
     # Gather each token's sequence KV: [T, max_len, kvh, d].
     blocks = block_tables[seq_c]  # [T, max_blocks]
@@ -133,17 +141,12 @@ def ragged_paged_attention_chunked(
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    num_seqs, max_blocks = block_tables.shape
+    max_blocks = block_tables.shape[1]
     group = num_heads // num_kv_heads
     bpc = max(1, chunk_tokens // block_size)  # blocks per chunk
     chunk = bpc * block_size
 
-    seq = token_seq_ids(query_start_loc, num_tokens)
-    valid_tok = seq < num_seqs
-    seq_c = jnp.minimum(seq, num_seqs - 1)
-    ctx = jnp.where(valid_tok, context_lens[seq_c], 0)  # [T]
-    q_len = query_start_loc[seq_c + 1] - query_start_loc[seq_c]
-    pos = ctx - q_len + (jnp.arange(num_tokens) - query_start_loc[seq_c])  # [T]
+    seq_c, _, ctx, pos = token_layout(query_start_loc, context_lens, num_tokens)
     pad = -max_blocks % bpc
     tok_blocks = jnp.pad(block_tables, ((0, 0), (0, pad)))[seq_c]  # [T, max_blocks + pad]
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32) * scale
