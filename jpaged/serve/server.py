@@ -320,8 +320,9 @@ async def completions(request: Request):
                 texts[i] = await st.in_pool(st.tokenizer.decode, prompts[i])
     n = params.n
     if req.stream:
-        return SSEResponse(_completion_chunks(gen, model, texts if req.echo else None,
-                                               include_usage, req.logprobs), gen.close)
+        chunks = _completion_chunks(gen, model, texts if req.echo else None, include_usage,
+                                    req.logprobs)
+        return SSEResponse(_guarded_stream(gen, chunks), gen.close)
     try:
         finals = await run_until_disconnect(request, _collect(gen))
     except ClientGone:
@@ -402,43 +403,52 @@ def _chat_logprobs(st, token_ids, logprobs, top_n: int) -> P.ChatLogprobs:
     return P.ChatLogprobs(content=content)
 
 
+def _usage(gen: Generation, prompt_tokens: int) -> P.UsageInfo:
+    return P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen.completion_tokens,
+                       total_tokens=prompt_tokens + gen.completion_tokens)
+
+
+async def _guarded_stream(gen: Generation, chunks):
+    """SSE chunks, then ``[DONE]``; a failure after the stream started is sent
+    in-band as an error chunk before ``[DONE]``."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+        logger.warning("stream %s failed: %r", gen.base_id, e)
+        yield error_chunk(e)
+    yield "data: [DONE]\n\n"
+
+
 async def _completion_chunks(gen: Generation, model: str, echo_texts, include_usage: bool,
                              logprobs):
     st, n = gen.state, gen.params.n
     offsets: dict[int, int] = {}
     prompt_tokens = sum(map(len, gen.prompts))
-    try:
-        async for i, out in gen.outputs():
-            choices = []
-            for o in out.outputs:
-                idx = i * n + o.index
-                text = o.text
-                if echo_texts is not None and idx not in offsets:
-                    text = echo_texts[i] + text
-                off = offsets.get(idx, 0)
-                offsets[idx] = off + len(text)
-                gen.completion_tokens += len(o.token_ids)
-                if o.finish_reason is not None:
-                    gen.finish_reasons.append(o.finish_reason)
-                if not text and not o.token_ids and o.finish_reason is None:
-                    continue
-                choices.append(P.CompletionChoice(
-                    index=idx, text=text, finish_reason=o.finish_reason,
-                    stop_reason=o.stop_reason,
-                    logprobs=_completion_logprobs(st, o.token_ids, o.logprobs, off)
-                    if logprobs is not None else None))
-            if choices:
-                yield sse(P.CompletionResponse(id=gen.base_id, model=model, choices=choices))
-        if include_usage:
-            usage = P.UsageInfo(prompt_tokens=prompt_tokens,
-                                completion_tokens=gen.completion_tokens,
-                                total_tokens=prompt_tokens + gen.completion_tokens)
-            yield sse(P.CompletionResponse(id=gen.base_id, model=model, choices=[],
-                                            usage=usage))
-    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
-        logger.warning("stream %s failed: %r", gen.base_id, e)
-        yield error_chunk(e)
-    yield "data: [DONE]\n\n"
+    async for i, out in gen.outputs():
+        choices = []
+        for o in out.outputs:
+            idx = i * n + o.index
+            text = o.text
+            if echo_texts is not None and idx not in offsets:
+                text = echo_texts[i] + text
+            off = offsets.get(idx, 0)
+            offsets[idx] = off + len(text)
+            gen.completion_tokens += len(o.token_ids)
+            if o.finish_reason is not None:
+                gen.finish_reasons.append(o.finish_reason)
+            if not text and not o.token_ids and o.finish_reason is None:
+                continue
+            choices.append(P.CompletionChoice(
+                index=idx, text=text, finish_reason=o.finish_reason,
+                stop_reason=o.stop_reason,
+                logprobs=_completion_logprobs(st, o.token_ids, o.logprobs, off)
+                if logprobs is not None else None))
+        if choices:
+            yield sse(P.CompletionResponse(id=gen.base_id, model=model, choices=choices))
+    if include_usage:
+        yield sse(P.CompletionResponse(id=gen.base_id, model=model, choices=[],
+                                        usage=_usage(gen, prompt_tokens)))
 
 
 async def chat_completions(request: Request):
@@ -462,7 +472,8 @@ async def chat_completions(request: Request):
                       "delta" if req.stream else "cumulative")
     await _submit(gen)
     if req.stream:
-        return SSEResponse(_chat_chunks(gen, model, include_usage, logprobs), gen.close)
+        return SSEResponse(
+            _guarded_stream(gen, _chat_chunks(gen, model, include_usage, logprobs)), gen.close)
     try:
         finals = await run_until_disconnect(request, _collect(gen))
     except ClientGone:
@@ -485,38 +496,28 @@ async def chat_completions(request: Request):
 async def _chat_chunks(gen: Generation, model: str, include_usage: bool, logprobs):
     st = gen.state
     prompt_tokens = len(gen.prompts[0])
-    started: set[int] = set()
-    try:
-        for k in range(gen.params.n):
-            started.add(k)
-            yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[
-                P.ChatChunkChoice(index=k, delta=P.DeltaMessage(role="assistant",
-                                                                content=""))]))
-        async for _, out in gen.outputs():
-            choices = []
-            for o in out.outputs:
-                gen.completion_tokens += len(o.token_ids)
-                if o.finish_reason is not None:
-                    gen.finish_reasons.append(o.finish_reason)
-                if not o.text and not o.token_ids and o.finish_reason is None:
-                    continue
-                choices.append(P.ChatChunkChoice(
-                    index=o.index, delta=P.DeltaMessage(content=o.text),
-                    finish_reason=o.finish_reason, stop_reason=o.stop_reason,
-                    logprobs=_chat_logprobs(st, o.token_ids, o.logprobs, logprobs)
-                    if logprobs is not None else None))
-            if choices:
-                yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=choices))
-        if include_usage:
-            usage = P.UsageInfo(prompt_tokens=prompt_tokens,
-                                completion_tokens=gen.completion_tokens,
-                                total_tokens=prompt_tokens + gen.completion_tokens)
-            yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[],
-                                             usage=usage))
-    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
-        logger.warning("stream %s failed: %r", gen.base_id, e)
-        yield error_chunk(e)
-    yield "data: [DONE]\n\n"
+    for k in range(gen.params.n):
+        yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[
+            P.ChatChunkChoice(index=k, delta=P.DeltaMessage(role="assistant",
+                                                            content=""))]))
+    async for _, out in gen.outputs():
+        choices = []
+        for o in out.outputs:
+            gen.completion_tokens += len(o.token_ids)
+            if o.finish_reason is not None:
+                gen.finish_reasons.append(o.finish_reason)
+            if not o.text and not o.token_ids and o.finish_reason is None:
+                continue
+            choices.append(P.ChatChunkChoice(
+                index=o.index, delta=P.DeltaMessage(content=o.text),
+                finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                logprobs=_chat_logprobs(st, o.token_ids, o.logprobs, logprobs)
+                if logprobs is not None else None))
+        if choices:
+            yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=choices))
+    if include_usage:
+        yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[],
+                                         usage=_usage(gen, prompt_tokens)))
 
 
 # ------------------------------------------------------------ the app
