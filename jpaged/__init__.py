@@ -9,9 +9,9 @@ the block pool) import without the model stack.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "LLM": "jpaged.llm",
-    "LLMEngine": "jpaged.engine",
-    "AsyncLLM": "jpaged.async_llm",
+    "LLM": "jpaged.engine.llm",
+    "LLMEngine": "jpaged.engine.llm_engine",
+    "AsyncLLM": "jpaged.engine.async_llm",
     "SamplingParams": "jpaged.sampling_params",
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",

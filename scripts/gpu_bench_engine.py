@@ -50,7 +50,8 @@ def main() -> int:
         print(f"gpu_bench_engine: no GPU visible to JAX (backend: {jax.default_backend()})",
               file=sys.stderr)
         return 2
-    from jpaged.engine import EngineConfig, LLMEngine
+    from jpaged.config.engine import EngineConfig
+    from jpaged.engine.llm_engine import LLMEngine
     from jpaged.sampling_params import SamplingParams
     from jpaged.tiny import make_tiny_model
 

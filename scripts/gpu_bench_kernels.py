@@ -55,9 +55,9 @@ if jax.default_backend() != "gpu" and not SMOKE:
         "run this on a GPU machine", file=sys.stderr)
   sys.exit(2)
 
-from jpaged.pallas_kernels.decode import paged_decode_attention  # noqa: E402
-from jpaged.pallas_kernels.ragged import ragged_paged_attention  # noqa: E402
-from jpaged.pallas_kernels.reference import (  # noqa: E402
+from jpaged.pallas_kernels.attention.decode import paged_decode_attention  # noqa: E402
+from jpaged.pallas_kernels.attention.ragged import ragged_paged_attention  # noqa: E402
+from jpaged.pallas_kernels.attention.reference import (  # noqa: E402
     paged_decode_attention_reference, ragged_paged_attention_reference)
 
 try:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jpaged.attention import AttentionMetadata
+from jpaged.layers.attention import AttentionMetadata
 
 
 def prefill_logits(cfg, graphdef, params, prompts: list[list[int]], block_size: int = 8,

@@ -69,8 +69,9 @@ _SHARED: dict = {}
 def shared_server(model_dir: str) -> ThreadServer:
     """The session's real-engine server (API key `API_KEY`, name `MODEL_NAME`)."""
     if model_dir not in _SHARED:
-        from jpaged.async_llm import AsyncLLM
-        from jpaged.engine import EngineConfig, LLMEngine
+        from jpaged.engine.async_llm import AsyncLLM
+        from jpaged.config.engine import EngineConfig
+        from jpaged.engine.llm_engine import LLMEngine
         from jpaged.serve.server import ServeConfig, build_app
 
         llm = AsyncLLM(LLMEngine(EngineConfig(model=model_dir, **ENGINE_KWARGS)))
@@ -173,7 +174,7 @@ class FakeEngine:
         return outs
 
     def get_stats(self):
-        from jpaged.engine import EngineStats
+        from jpaged.engine.llm_engine import EngineStats
 
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), 0.0,
                            0, 0, 0, 0, 0, 0)

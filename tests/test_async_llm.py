@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from jpaged.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from jpaged.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
 from jpaged.sampling_params import SamplingParams
 
 from serve_helpers import FakeEngine

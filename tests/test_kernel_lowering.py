@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jpaged.pallas_kernels import decode, ragged
+from jpaged.pallas_kernels.attention import decode, ragged
 
 # jax 0.11 warns on every Triton lowering; the migration is tracked elsewhere.
 pytestmark = pytest.mark.filterwarnings(

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged.pallas_kernels.decode import paged_decode_attention
-from jpaged.pallas_kernels.ragged import ragged_paged_attention
-from jpaged.pallas_kernels.reference import (
+from jpaged.pallas_kernels.attention.decode import paged_decode_attention
+from jpaged.pallas_kernels.attention.ragged import ragged_paged_attention
+from jpaged.pallas_kernels.attention.reference import (
     paged_decode_attention_reference, ragged_paged_attention_reference)
 
 pytestmark = pytest.mark.filterwarnings(

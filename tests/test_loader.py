@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_model
-from jpaged.config import ModelConfig
-from jpaged.loader import load_model, save_orbax
+from jpaged.config.model import ModelConfig
+from jpaged.model_loader.loader import load_model, save_orbax
 
 
 def _flat(params):

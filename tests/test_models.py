@@ -5,7 +5,7 @@ import pytest
 
 from conftest import tiny_model
 from helpers import hf_logits, prefill_logits
-from jpaged.loader import load_model
+from jpaged.model_loader.loader import load_model
 
 # Prompts of different lengths, several spanning multiple blocks of 8.
 PROMPT_LENS = (1, 5, 8, 17, 40)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from jpaged.pallas_kernels.reference import (ragged_paged_attention_chunked,
+from jpaged.pallas_kernels.attention.reference import (ragged_paged_attention_chunked,
                                              ragged_paged_attention_reference)
 
 

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from jpaged.async_llm import AsyncLLM
+from jpaged.engine.async_llm import AsyncLLM
 from jpaged.serve.auth import APIKeyMiddleware
 from jpaged.serve.server import ServeConfig, build_app
 from serve_helpers import API_KEY, MODEL_NAME, FakeEngine, ThreadServer, shared_server

@@ -1,6 +1,6 @@
 """Model registry: Hugging Face ``architectures`` name -> Flax model class."""
 
-from jpaged.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from jpaged.config.model import SUPPORTED_ARCHITECTURES, ModelConfig
 from jpaged.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY = {

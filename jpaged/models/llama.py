@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpaged.attention import AttentionMetadata, paged_attention
-from jpaged.config import ModelConfig
+from jpaged.layers.attention import AttentionMetadata, paged_attention
+from jpaged.config.model import ModelConfig
 
-KVCache = list  # [(k_cache, v_cache)] per layer, see jpaged.attention
+KVCache = list  # [(k_cache, v_cache)] per layer, see jpaged.layers.attention
 
 # Fused parameter -> the checkpoint tensors it stacks along the output dim.
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

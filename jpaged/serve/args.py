@@ -1,7 +1,7 @@
 """``jpaged serve`` flags, named as ``vllm serve`` names them.
 
 Engine flags (``--model``, ``--max-num-seqs``, ...) come from
-`jpaged.cli.add_engine_args`; these are the server's own.
+`jpaged.config.engine.add_engine_args`; these are the server's own.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from jpaged.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from jpaged.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
 from jpaged.sampling_params import SamplingParams
 from jpaged.serve import protocol as P
 from jpaged.serve.auth import APIKeyMiddleware
@@ -642,13 +642,13 @@ def run_server(args) -> int:
     """Build the engine and serve until SIGTERM/SIGINT (the ``jpaged serve`` command)."""
     import uvicorn
 
-    from jpaged.cli import engine_kwargs
-    from jpaged.engine import EngineConfig, LLMEngine
+    from jpaged.config.engine import engine_config_from_args
+    from jpaged.engine.llm_engine import LLMEngine
 
     cfg = serve_config_from_args(args)
     if cfg.enable_log_requests:
         logging.getLogger("jpaged.serve.requests").setLevel(logging.INFO)
-    engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
+    engine = LLMEngine(engine_config_from_args(args))
     llm = AsyncLLM(engine, max_queue_len=args.max_queue_len)
     app = build_app(llm, cfg)
     state: ServerState = app.state

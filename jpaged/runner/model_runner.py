@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpaged.attention import AttentionMetadata
+from jpaged.layers.attention import AttentionMetadata
 from jpaged.cache.kv_cache_manager import cdiv
-from jpaged.config import ModelConfig
-from jpaged.sampler import SamplingMetadata, sample
+from jpaged.config.model import ModelConfig
+from jpaged.sample.sampler import SamplingMetadata, sample
 from jpaged.sched.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpaged.config import ModelConfig
+from jpaged.config.model import ModelConfig
 from jpaged.models import get_model_class
 from jpaged.models.llama import checkpoint_names
 

@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jpaged.pallas_kernels import common
+from jpaged.pallas_kernels.attention import common
 
 
 def _ragged_kernel(

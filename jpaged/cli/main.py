@@ -14,42 +14,7 @@ import logging
 import sys
 import time
 
-ENGINE_FLAGS = ("model", "tokenizer", "dtype", "load_format", "seed", "block_size",
-                "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-                "num_kv_blocks", "gpu_memory_utilization", "enable_prefix_caching",
-                "scheduling_policy", "preemption_mode", "swap_space", "attention_backend",
-                "max_logprobs")
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="local Hugging Face model directory (default: the built-in demo model)")
-    g.add_argument("--tokenizer", default=None)
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32",
-                                                       "half", "float", "bf16", "fp16", "fp32"])
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy",
-                                                             "orbax"])
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=True)
-    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
-    g.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
-    g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
-    g.add_argument("--max-logprobs", type=int, default=20)
-
-
-def engine_kwargs(args) -> dict:
-    return {k: getattr(args, k) for k in ENGINE_FLAGS}
-
+from jpaged.config.engine import add_engine_args, engine_config_from_args
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults for every prompt)")
@@ -112,7 +77,7 @@ def cmd_generate(args) -> int:
                 ignore_eos=args.ignore_eos, logprobs=args.logprobs, seed=args.sampling_seed)
     items = _read_prompts(args)
     params = [SamplingParams(**{**base, **over}) for _, over in items]
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM(**vars(engine_config_from_args(args)))
     engine = llm.llm_engine
     start = time.perf_counter()
     outs = llm.generate([p for p, _ in items], params, use_tqdm=len(items) > 1)
@@ -147,7 +112,7 @@ def cmd_chat(args) -> int:
     goes through the model's chat template; ``/reset`` starts over."""
     from jpaged import LLM, SamplingParams
 
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM(**vars(engine_config_from_args(args)))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sampling_seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []

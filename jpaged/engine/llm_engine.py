@@ -25,47 +25,20 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-from jpaged.attention import resolve_backend
+from jpaged.layers.attention import resolve_backend
 from jpaged.cache import KVCacheManager
-from jpaged.config import ModelConfig
-from jpaged.loader import load_model
+from jpaged.config.engine import ALLOWED_BLOCK_SIZES, EngineConfig
+from jpaged.config.model import ModelConfig
+from jpaged.model_loader.loader import load_model
 from jpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jpaged.runner import ModelRunner, RunnerConfig, kv_bytes_per_block
+from jpaged.runner.model_runner import ModelRunner, RunnerConfig, kv_bytes_per_block
 from jpaged.sampling_params import SamplingParams
 from jpaged.sched import Request, RequestStatus, Scheduler, SchedulerConfig
 from jpaged.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_BLOCK_SIZES = (8, 16, 32, 64, 128)
 CPU_DEFAULT_KV_MEMORY = 256 << 20
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine options; names follow ``vllm serve`` flags."""
-
-    model: str | None = None  # None: the built-in demo model
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    load_format: str = "auto"
-    seed: int = 0
-    block_size: int = 16
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None
-    kv_cache_memory: int | None = None  # bytes
-    num_kv_blocks: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"
-    preemption_mode: str = "recompute"
-    swap_space: float = 4.0  # GiB of host memory for swap preemption
-    attention_backend: str = "auto"
-    max_logprobs: int = 20
-    # Compile every step bucket at start-up (serving). False compiles on first
-    # use instead: quicker starts for scripts that touch few shapes.
-    compile_all_buckets: bool = True
 
 
 @dataclass
@@ -121,7 +94,7 @@ class LLMEngine:
         if config.model is None:
             from jpaged.tiny import demo_model_path
 
-            config = _replace(config, model=demo_model_path())
+            config = config.replace(model=demo_model_path())
         self.config = config
         backend = resolve_backend(config.attention_backend)
         logger.info("attention backend: %s (%s on %s)", backend, config.attention_backend,
@@ -450,8 +423,3 @@ def _find_stop(text: str, stops: list[str], prev_len: int):
             best = (i, s)
     return best
 
-
-def _replace(cfg: EngineConfig, **kw) -> EngineConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)

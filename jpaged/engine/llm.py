@@ -13,7 +13,8 @@ import itertools
 import time
 from collections.abc import Sequence
 
-from jpaged.engine import EngineConfig, LLMEngine
+from jpaged.config.engine import EngineConfig
+from jpaged.engine.llm_engine import LLMEngine
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.tokenizer import apply_chat_template

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jpaged.pallas_kernels import common
+from jpaged.pallas_kernels.attention import common
 
 # Enough programs to give each of an H100's 132 SMs about two.
 _TARGET_PROGRAMS = 264

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jpaged.pallas_kernels import reference
+from jpaged.pallas_kernels.attention import reference
 
 BACKENDS = ("auto", "reference", "pallas")
 
@@ -100,7 +100,7 @@ def paged_attention(
     elif md.backend == "pallas":
         interpret = jax.default_backend() != "gpu"
         if md.decode_only:
-            from jpaged.pallas_kernels.decode import paged_decode_attention
+            from jpaged.pallas_kernels.attention.decode import paged_decode_attention
             # One token per sequence: token i is sequence i. The token bucket
             # may exceed the sequence count; the extra tokens are padding.
             num_seqs = md.block_tables.shape[0]
@@ -109,7 +109,7 @@ def paged_attention(
                 scale=scale, sliding_window=sliding_window, interpret=interpret)
             out = jnp.pad(out, ((0, q.shape[0] - num_seqs), (0, 0), (0, 0)))
         else:
-            from jpaged.pallas_kernels.ragged import ragged_paged_attention
+            from jpaged.pallas_kernels.attention.ragged import ragged_paged_attention
             out = ragged_paged_attention(
                 q, k_cache, v_cache, md.block_tables, md.context_lens,
                 md.query_start_loc, scale=scale, sliding_window=sliding_window,

@@ -156,7 +156,8 @@ class AsyncLLM:
     @classmethod
     def from_config(cls, config=None, max_queue_len: int | None = None, stat_loggers=(),
                     **kwargs) -> "AsyncLLM":
-        from jpaged.engine import EngineConfig, LLMEngine
+        from jpaged.config.engine import EngineConfig
+        from jpaged.engine.llm_engine import LLMEngine
 
         return cls(LLMEngine(config or EngineConfig(**kwargs)), max_queue_len, stat_loggers)
 

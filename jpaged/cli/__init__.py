@@ -1,0 +1,1 @@
+"""The ``jpaged`` command line (`jpaged.cli.main`); thin: flags in, library calls out."""

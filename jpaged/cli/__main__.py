@@ -1,0 +1,5 @@
+import sys
+
+from jpaged.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""`EngineConfig`: every engine option, and the command-line flags built from it.
+
+Each field carries its help text (and choices, where the set is closed) in
+its metadata; `add_engine_args` turns the fields into ``--kebab-case`` flags
+named as ``vllm serve`` names them, and `engine_config_from_args` reads them
+back. The option list is written once, here; the CLI and the server both
+call these two functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+ALLOWED_BLOCK_SIZES = (8, 16, 32, 64, 128)
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16",
+                 "fp32")
+LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+PREEMPTION_MODES = ("recompute", "swap")
+ATTENTION_BACKENDS = ("auto", "reference", "pallas")
+
+
+def _opt(default, help: str, choices=None, cli: bool = True):
+    return field(default=default, metadata=dict(help=help, choices=choices, cli=cli))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine options; names follow ``vllm serve`` flags."""
+
+    model: str | None = _opt(
+        None, "local Hugging Face model directory (default: the built-in demo model)")
+    tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
+    dtype: str = _opt("auto", "weight and activation dtype", DTYPE_CHOICES)
+    load_format: str = _opt("auto", "weight format; dummy = seeded random weights",
+                            LOAD_FORMATS)
+    seed: int = _opt(0, "engine seed (dummy weights, drawn per-request seeds)")
+    block_size: int = _opt(16, "tokens per KV cache block", ALLOWED_BLOCK_SIZES)
+    max_model_len: int | None = _opt(None, "longest prompt + output (default: the model's)")
+    max_num_seqs: int = _opt(64, "most sequences in one step")
+    max_num_batched_tokens: int | None = _opt(
+        None, "token budget of one step (default: 2048 on GPUs, 512 on CPUs)")
+    kv_cache_memory: int | None = _opt(None, "KV cache size in bytes")
+    num_kv_blocks: int | None = _opt(None, "KV cache size in blocks (overrides the rest)")
+    gpu_memory_utilization: float = _opt(
+        0.9, "share of GPU memory for weights, activations and the KV cache")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of shared prompt prefixes")
+    scheduling_policy: str = _opt("fcfs", "order of the waiting queue", SCHEDULING_POLICIES)
+    preemption_mode: str = _opt("recompute", "what a preempted request loses",
+                                PREEMPTION_MODES)
+    swap_space: float = _opt(4.0, "GiB of host memory for swap preemption")
+    attention_backend: str = _opt("auto", "auto = pallas on GPUs, reference elsewhere",
+                                  ATTENTION_BACKENDS)
+    max_logprobs: int = _opt(20, "largest logprobs a request may ask for")
+    async_scheduling: bool = _opt(
+        True, "dispatch step N+1 before reading step N's tokens (overlaps host and device)")
+    # Compile every step bucket at start-up (serving). False compiles on first
+    # use instead: quicker starts for scripts that touch few shapes.
+    compile_all_buckets: bool = _opt(True, "", cli=False)
+
+    def replace(self, **kw) -> "EngineConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_type(f: dataclasses.Field):
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    t = t.replace(" | None", "")
+    return {"int": int, "float": float, "str": str}[t]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per `EngineConfig` field (booleans get ``--no-flag`` too)."""
+    g = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineConfig):
+        md = f.metadata
+        if not md.get("cli", True):
+            continue
+        if f.type == "bool":
+            g.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                           default=f.default, help=md["help"])
+        else:
+            g.add_argument(_flag(f.name), type=_parse_type(f), default=f.default,
+                           choices=md.get("choices"), help=md["help"])
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """The `EngineConfig` that `add_engine_args`' flags describe."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+          if f.metadata.get("cli", True) and hasattr(args, f.name)}
+    kw.update(overrides)
+    return EngineConfig(**kw)

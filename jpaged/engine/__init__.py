@@ -1,0 +1,1 @@
+"""The engine: `LLMEngine` (one step at a time), `LLM` (offline) and `AsyncLLM` (serving)."""

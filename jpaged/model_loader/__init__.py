@@ -1,0 +1,1 @@
+"""Checkpoint loading: files on disk in, parameter pytrees out."""

@@ -1,0 +1,1 @@
+"""Paged attention kernels (decode, ragged) and their pure-jnp reference."""

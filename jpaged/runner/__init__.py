@@ -1,0 +1,1 @@
+"""The model runner: scheduler output in, one jitted device step out."""
