@@ -236,3 +236,23 @@ def test_third_party_plugin_from_entry_point(tmp_path, monkeypatch):
     # A plugin that answers neither a Principal nor a Refusal fails closed.
     broken = app_with(load_authenticator("broken", {}))
     assert broken.get("/whoami").status_code == 500
+
+
+def test_serve_flags_select_the_authenticator(jwks_file):
+    import argparse
+
+    from jpaged.serve.args import add_serve_args
+    from jpaged.serve.auth_plugins import authenticator_from_args
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    assert authenticator_from_args(p.parse_args([]), []) is None
+    assert isinstance(authenticator_from_args(p.parse_args([]), ["k"]), APIKeyAuth)
+    args = p.parse_args(["--auth", "oidc", "--oidc-issuer", ISS, "--oidc-audience", AUD,
+                         "--oidc-jwks", jwks_file, "--oidc-required-scope", "generate",
+                         "--grpc-port", "50051"])
+    auth = authenticator_from_args(args, ["ignored-key"])
+    assert isinstance(auth, OIDCAuth) and auth.required == {"generate"}
+    assert args.grpc_port == 50051
+    with pytest.raises(ValueError, match="oidc_issuer"):
+        authenticator_from_args(p.parse_args(["--auth", "oidc"]), [])

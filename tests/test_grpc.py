@@ -302,3 +302,46 @@ def test_dead_engine_is_unavailable(client_mod):
     finally:
         ch.close()
         lt.run(handle.stop(0))
+
+
+def test_oidc_guards_grpc(client_mod, tmp_path):
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from jpaged.engine.async_llm import AsyncLLM
+    from jpaged.serve.oidc import OIDCAuth
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [dict(jwk, kid="k")]}))
+    auth = OIDCAuth("https://iss.test", "jpaged", str(tmp_path / "jwks.json"),
+                    required_scope="generate")
+
+    def token(**over):
+        now = int(time.time())
+        c = dict(dict(iss="https://iss.test", aud="jpaged", sub="u", exp=now + 60,
+                      scope="generate"), **over)
+        return (("authorization", "Bearer " + jwt.encode(c, key, "RS256",
+                                                           headers={"kid": "k"})),)
+
+    pb = client_mod[0]
+    llm = AsyncLLM(FakeEngine())
+    lt, handle = start(llm, auth)
+    ch = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    stub = client_mod[1].GenerationStub(ch)
+    try:
+        (msg,) = list(stub.Generate(_ids_request(pb, 3, stream=False), metadata=token()))
+        assert msg.choices[0].text == "t1 t2 t3"
+        for md, code in [(token(exp=int(time.time()) - 600), "UNAUTHENTICATED"),
+                         (token(aud="other"), "UNAUTHENTICATED"),
+                         ((), "UNAUTHENTICATED"),
+                         (token(scope="openid"), "PERMISSION_DENIED")]:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfo(pb.ModelInfoRequest(), metadata=md)
+            assert e.value.code() == getattr(grpc.StatusCode, code)
+    finally:
+        ch.close()
+        lt.run(handle.stop(0))
+        llm.shutdown()

@@ -174,3 +174,13 @@ class AuthMiddleware:
                                 (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", challenge)]})
         await send({"type": "http.response.body", "body": body})
+
+
+def authenticator_from_args(args, api_keys: list[str]):
+    """The authenticator ``jpaged serve`` flags ask for, or None (no auth:
+    neither ``--auth`` nor an API key was given)."""
+    name = getattr(args, "auth", None) or ("api-key" if api_keys else None)
+    if name is None:
+        return None
+    options = dict(vars(args), api_keys=list(api_keys))  # plugins see every flag
+    return load_authenticator(name, options)
