@@ -15,6 +15,7 @@ options (a mapping with ``api_keys``, ``oidc_issuer``, ``oidc_audience``,
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import inspect
 import json
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
 ENTRY_POINT_GROUP = "jpaged.auth"
+PRINCIPAL = "jpaged.principal"  # scope key: the subject string
+PRINCIPAL_OBJECT = "jpaged.auth"  # scope key: the `Principal`
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,9 @@ class APIKeyAuth:
     """Accept ``Authorization: Bearer <key>`` for any of the configured keys.
 
     Every key is compared with `hmac.compare_digest`, all of them every time,
-    so the time taken says nothing about which key nearly matched.
+    so the time taken says nothing about which key nearly matched. The
+    subject is a digest of the key, a stable tenant name that does not
+    reveal it.
     """
 
     name = "api-key"
@@ -75,6 +80,8 @@ class APIKeyAuth:
         self.keys = [k.encode() if isinstance(k, str) else bytes(k) for k in api_keys if k]
         if not self.keys:
             raise ValueError("api_keys=[] is empty: the api-key authenticator needs a key")
+        self.subjects = [hashlib.sha256(b"jpaged-principal\0" + k).hexdigest()
+                         for k in self.keys]
 
     def authenticate(self, scope) -> Principal | Refusal:
         token = bearer_token(scope)
@@ -86,7 +93,7 @@ class APIKeyAuth:
                 index = i
         if index < 0:
             return Refusal("Invalid API key.")
-        return Principal(subject=f"api-key-{index}")
+        return Principal(subject=self.subjects[index])
 
 
 def _api_key_factory(options: Mapping):
@@ -147,7 +154,9 @@ class AuthMiddleware:
     Host header). A refused HTTP request gets the refusal's status with
     OpenAI's error body and a ``WWW-Authenticate: Bearer`` header; a refused
     WebSocket is closed before it is accepted (HTTP 403 to the client). The
-    principal is left in ``scope["jpaged.principal"]`` for the routes.
+    routes find the principal's subject (a string naming the tenant, used to
+    salt the prefix cache) in ``scope["jpaged.principal"]`` and the whole
+    `Principal` in ``scope["jpaged.auth"]``.
     """
 
     def __init__(self, app, auth, public_paths=frozenset({"/health"})):
@@ -160,7 +169,8 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         result = await authenticate(self.auth, scope)
         if isinstance(result, Principal):
-            scope["jpaged.principal"] = result
+            scope[PRINCIPAL] = result.subject
+            scope[PRINCIPAL_OBJECT] = result
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
