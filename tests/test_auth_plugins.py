@@ -171,6 +171,40 @@ def test_oidc_picks_up_a_rotated_key_file(tmp_path, keys):
     assert isinstance(auth.authenticate(scope), Principal)
 
 
+def test_oidc_jwks_from_a_url_with_rotation(keys):
+    import http.server
+    import threading
+
+    served = {"keys": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps(served).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        auth = OIDCAuth(ISS, AUD, f"http://127.0.0.1:{httpd.server_port}/jwks")
+        auth.jwks.refresh_cooldown = 0.0
+        client = app_with(auth)
+        assert get(client, rs256(keys)).status_code == 401  # no keys yet
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(keys["rsa"].public_key()))
+        served["keys"] = [dict(jwk, kid="rsa-1")]
+        assert get(client, rs256(keys)).status_code == 200  # unknown kid: fetched again
+        auth.jwks.refresh_cooldown = 3600.0
+        assert get(client, rs256(keys, kid="rsa-2")).status_code == 401
+    finally:
+        httpd.shutdown()
+
+
 def test_middleware_guards_http_and_websocket_but_not_health(oidc_client, keys):
     assert get(oidc_client, None).status_code == 401
     assert oidc_client.get("/health").status_code == 200

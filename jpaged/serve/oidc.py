@@ -15,6 +15,7 @@ most once per ``refresh_cooldown`` seconds, when a token names an unknown
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -154,7 +155,14 @@ class OIDCAuth:
                    options.get("oidc_jwks"), options.get("oidc_required_scope"),
                    float(options.get("oidc_leeway", 30.0)))
 
-    def authenticate(self, scope) -> Principal | Refusal:
+    def authenticate(self, scope):
+        """`check` (see the class doc); awaitable for a JWKS URL, whose refresh
+        may wait on the network and so runs off the event loop."""
+        if self.jwks.is_url:
+            return asyncio.to_thread(self.check, scope)
+        return self.check(scope)
+
+    def check(self, scope) -> Principal | Refusal:
         token = bearer_token(scope)
         if isinstance(token, Refusal):
             return token
