@@ -152,3 +152,41 @@ def test_hpa_metric_is_exported():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_healthcheck_command_follows_health(name):
+    import http.server
+    import threading
+
+    text = (ROOT / name).read_text()
+    line = text[text.index("HEALTHCHECK"):].split(" CMD ", 1)[1].split("\n")[0]
+    argv = yaml.safe_load(line)
+    assert argv[0] == "python3"
+    status = {"code": 200}
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(status["code"] if self.path == "/health" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    env = dict(os.environ, JPAGED_PORT=str(httpd.server_port))
+    try:
+        def check() -> int:
+            return subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True,
+                                  timeout=30).returncode
+        assert check() == 0
+        status["code"] = 503  # draining, or the engine died
+        assert check() != 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    env["JPAGED_PORT"] = str(httpd.server_port)  # nothing listens any more
+    assert subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True,
+                          timeout=30).returncode != 0
