@@ -8,7 +8,8 @@ on jax 0.10.2 and 0.11.2: an ``AbstractMesh`` carrying an
 ``AbstractDevice(platform="cuda")`` (0.11 reads the GPU generation from it)
 plus ``lower(lowering_platforms=("cuda",))`` (0.10 needs the explicit
 platform). The Triton module is also captured to check that every ``tt.dot``
-is at least 16 x 16 x 16. What it cannot catch: the rest of Triton's own
+is at least 16 x 16 x 16 and none runs at TF32 (float32 kernels must compute
+IEEE f32 dots, Triton's default being TF32). What it cannot catch: the rest of Triton's own
 compilation to PTX (shared memory or register limits, layout failures),
 which XLA runs only when it compiles on a GPU.
 
@@ -63,7 +64,9 @@ _DOT = re.compile(r"tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<(\d+)x(\d+)x\w
 
 
 def check_dots(module_text):
-  """tl.dot needs M, N, K >= 16, which only Triton's PTX compile would check."""
+  """tl.dot needs M, N, K >= 16, which only Triton's PTX compile would check;
+  and no dot may use TF32 (IEEE, the attribute's default, is not printed)."""
+  assert "inputPrecision = tf32" not in module_text, "a kernel dot runs at TF32"
   dots = _DOT.findall(module_text)
   assert dots, "expected tt.dot in the kernel"
   for m, k, k2, n in dots:
