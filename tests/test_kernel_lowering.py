@@ -73,14 +73,17 @@ def check_dots(module_text):
     assert k == k2 and min(int(m), int(k), int(n)) >= 16, f"tt.dot {m}x{k} * {k2}x{n}"
 
 
-def lower_for_h100(f, *args):
-  """``jax.jit(f)`` lowered for an abstract H100; returns the StableHLO text."""
+def lower_for_h100(f, *args, modules_out=None):
+  """``jax.jit(f)`` lowered for an abstract H100; returns the StableHLO text
+  (and appends the Triton module's text to ``modules_out`` if given)."""
   device = jax.sharding.AbstractDevice(device_kind=H100, num_cores=None, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   with jax.sharding.use_abstract_mesh(mesh), capture_triton_modules() as modules:
     lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
   assert len(modules) == 1, f"expected one Triton kernel, got {len(modules)}"
   check_dots(modules[0])
+  if modules_out is not None:
+    modules_out.extend(modules)
   return lowered.as_text()
 
 
@@ -90,13 +93,13 @@ def cache_args(num_blocks, block_size, num_kv_heads, head_dim, dtype):
 
 
 def lower_decode(*, num_seqs, group, head_dim, block_size, dtype, num_kv_heads=8,
-                 max_model_len=4000, num_blocks=1000, **kw):
+                 max_model_len=4000, num_blocks=1000, modules_out=None, **kw):
   max_blocks = -(-max_model_len // block_size)  # usually not a power of two
   args = (sds((num_seqs, num_kv_heads * group, head_dim), dtype),
           *cache_args(num_blocks, block_size, num_kv_heads, head_dim, dtype),
           sds((num_seqs, max_blocks), jnp.int32), sds((num_seqs,), jnp.int32))
   f = functools.partial(decode.paged_decode_attention, scale=head_dim ** -0.5, **kw)
-  text = lower_for_h100(f, *args)
+  text = lower_for_h100(f, *args, modules_out=modules_out)
   assert TRITON_CALL in text
   return text
 
@@ -169,6 +172,23 @@ def test_lower_cache_over_4gib():
   assert TRITON_CALL in text
   lower_ragged(num_tokens=256, num_seqs=8, group=4, head_dim=128, block_size=16,
                dtype=jnp.bfloat16, num_blocks=300_000)
+
+
+_LOAD = re.compile(r"tt\.load [^:]*: tensor<([0-9x]+)x!tt\.ptr<(\w+)>>")
+
+
+@pytest.mark.parametrize("block_size,pages", [(16, 8), (16, 1), (8, 4), (64, 2)])
+def test_decode_kv_tiles_load_flat(block_size, pages):
+  """K and V load as ``[keys, head_dim]`` tiles, never as ``[pages, page, dim]``
+  reshaped afterwards: Triton then keeps the V tile in registers and only one
+  K buffer (seen compiling for sm_90), which starves the memory pipeline."""
+  modules = []
+  lower_decode(num_seqs=64, group=4, head_dim=128, block_size=block_size,
+               dtype=jnp.bfloat16, pages_per_compute_block=pages, modules_out=modules)
+  tiles = [shape for shape, ty in _LOAD.findall(modules[0]) if ty == "bf16"]
+  keys = f"{pages * block_size}x128"
+  assert tiles.count(keys) >= 2, (keys, tiles)  # K and V
+  assert all(t.count("x") == 1 for t in tiles), tiles  # K, V, q [16, 128]: all 2-D
 
 
 def test_lowering_catches_non_power_of_two_tiles():
