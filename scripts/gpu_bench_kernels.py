@@ -60,6 +60,7 @@ if jax.default_backend() != "gpu" and not SMOKE:
         "run this on a GPU machine", file=sys.stderr)
   sys.exit(2)
 
+from jpaged.pallas_kernels.attention import common  # noqa: E402
 from jpaged.pallas_kernels.attention import decode as decode_mod  # noqa: E402
 from jpaged.pallas_kernels.attention.decode import paged_decode_attention  # noqa: E402
 from jpaged.pallas_kernels.attention.ragged import ragged_paged_attention  # noqa: E402
@@ -183,7 +184,7 @@ def sweep_decode(bw_copy, batch=64, ctx=2048):
   scale = D ** -0.5
   pages0, splits0 = decode_mod.default_decode_params(batch, KVH, BS, ctx // BS, D,
                                                      jnp.dtype(DTYPE).itemsize)
-  stages0 = decode_mod.default_num_stages(pages0 * BS * D * jnp.dtype(DTYPE).itemsize)
+  stages0 = common.default_num_stages(pages0 * BS * D * jnp.dtype(DTYPE).itemsize)
   default = (pages0, stages0, 4, splits0)
   ref = paged_decode_attention_reference(q, k, v, tables, lens, scale=scale)
   configs = [(p, st, w, splits0) for p in (2, 4, 8, 16) for st in (2, 3, 4) for w in (4, 8)

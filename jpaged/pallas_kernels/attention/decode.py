@@ -201,10 +201,6 @@ def _merge_splits(out, m, l):
   return num / jnp.where(denom == 0.0, 1.0, denom)[..., None]
 
 
-# Shared memory the K/V pipeline buffers may take (an H100 block gets 227 KiB).
-_SMEM_BUDGET = 160 * 1024
-
-
 def default_decode_params(num_seqs: int, num_kv_heads: int, block_size: int,
                           max_blocks: int, head_dim: int = 128,
                           itemsize: int = 2) -> tuple[int, int]:
@@ -218,19 +214,6 @@ def default_decode_params(num_seqs: int, num_kv_heads: int, block_size: int,
   splits = pl.cdiv(_TARGET_PROGRAMS, num_seqs * num_kv_heads)
   splits = max(1, min(splits, chunks, _MAX_SPLITS))
   return pages, splits
-
-
-def default_num_stages(kv_tile_bytes: int, max_stages: int = 4) -> int:
-  """The deepest software pipeline whose K and V buffers fit the budget.
-
-  Triton's pipeliner keeps ``num_stages - 1`` buffers of each pipelined load
-  (seen compiling this kernel for sm_90: 136 KiB at 3 stages of 32 KiB K and
-  V tiles), so 3 stages keep one K/V tile in flight while the other is used.
-  """
-  for stages in range(max_stages, 2, -1):
-    if (stages - 1) * 2 * kv_tile_bytes <= _SMEM_BUDGET:
-      return stages
-  return 2
 
 
 @functools.partial(
@@ -300,7 +283,7 @@ def paged_decode_attention(
   if splits < 1:
     raise ValueError(f"num_splits={splits} must be >= 1")
   if num_stages is None:
-    num_stages = default_num_stages(pages * block_size * q.shape[2] * q.dtype.itemsize)
+    num_stages = common.default_num_stages(pages * block_size * q.shape[2] * q.dtype.itemsize)
   return _decode_call(
       q, k_cache, v_cache, block_tables, context_lens, scale=float(scale),
       soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=pages,
