@@ -16,7 +16,9 @@ which XLA runs only when it compiles on a GPU.
 Tested combinations: every block size (8..128) x GQA group (1, 4, 7, 8) x
 head_dim (64, 128, 256) in bfloat16, each with a split and an unsplit decode;
 float32 and float16 over the same block sizes, head dims and groups; soft-cap and sliding
-window; a cache over 4 GiB (64-bit offsets); and a self-check that a
+window; a cache over 4 GiB (64-bit offsets); K/V loaded as flat tiles (what
+lets Triton pipeline them; checked through the ``triton`` package's own sm_90
+compile where that package is installed); and a self-check that a
 non-power-of-two tile does fail to lower.
 """
 
@@ -24,7 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -211,3 +216,23 @@ def test_lowering_catches_non_power_of_two_tiles():
           sds((4, 30), jnp.int32), sds((4,), jnp.int32))
   with pytest.raises(Exception, match="power of 2"):
     lower_for_h100(bad, *args)
+
+
+def test_triton_pipelines_flat_kv_tiles():
+  """Where the ``triton`` package is installed (not a jpaged dependency), its
+  sm_90 compile of the decode kernel's default config (8 pages of 16, 3
+  stages) streams K and V through two async-copy buffers each, fits in an
+  H100 block's 227 KiB of shared memory, and leaves no tile load in
+  registers."""
+  pytest.importorskip("triton")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "scripts/gpu_triton_report.py", "--pages", "8", "--stages", "3"],
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", TRITON_DEFAULT_FP_FUSION="1"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  m = re.search(r"shared (\d+) KiB; (\d+) async copies in the loop, buffers (\d+); "
+                r"(\d+) plain 2-D tile loads", proc.stdout)
+  assert m, proc.stdout
+  shared, copies, buffers, plain = map(int, m.groups())
+  assert shared <= 227 and copies == 2 and buffers == 2 and plain == 0, proc.stdout
