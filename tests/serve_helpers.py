@@ -24,7 +24,7 @@ class ThreadServer:
     def __init__(self, app, llm=None):
         import uvicorn
 
-        from jpaged.serve.server import uvicorn_config
+        from jpaged.serve.openai.app import uvicorn_config
 
         self.app, self.llm = app, llm
         self.sock = socket.socket()
@@ -72,7 +72,8 @@ def shared_server(model_dir: str) -> ThreadServer:
         from jpaged.engine.async_llm import AsyncLLM
         from jpaged.config.engine import EngineConfig
         from jpaged.engine.llm_engine import LLMEngine
-        from jpaged.serve.server import ServeConfig, build_app
+        from jpaged.serve.openai.app import build_app
+        from jpaged.serve.openai.state import ServeConfig
 
         llm = AsyncLLM(LLMEngine(EngineConfig(model=model_dir, **ENGINE_KWARGS)))
         cfg = ServeConfig(served_model_names=[MODEL_NAME], model_path=model_dir,

@@ -14,7 +14,8 @@ import pytest
 
 from jpaged.engine.async_llm import AsyncLLM
 from jpaged.serve.auth import APIKeyMiddleware
-from jpaged.serve.server import ServeConfig, build_app
+from jpaged.serve.openai.app import build_app
+from jpaged.serve.openai.state import ServeConfig
 from serve_helpers import API_KEY, MODEL_NAME, FakeEngine, ThreadServer, shared_server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # jpaged.serve.server uses the same default
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # jpaged.serve.openai.state uses the same default
 
 
 def _positive_int(v: str) -> int:

@@ -1,5 +1,6 @@
 """Generation plumbing for the HTTP routes: engine requests of one HTTP
-request (`Generation`), disconnect watching, and Server-Sent Events.
+request (`Generation`: submit, merged outputs, abort on exit), disconnect
+watching, and Server-Sent Events.
 
 A client that goes away is noticed by waiting on ``receive()`` for
 ``http.disconnect`` next to the work (`run_until_disconnect` for plain
@@ -14,8 +15,12 @@ import json
 import logging
 import time
 
+from jpaged.engine.async_llm import EngineDeadError, QueueFullError
 from jpaged.sampling_params import SamplingParams
+from jpaged.serve.openai import protocol as P
+from jpaged.serve.openai.errors import APIError, param_of
 
+logger = logging.getLogger(__name__)
 request_logger = logging.getLogger("jpaged.serve.requests")
 
 
@@ -50,6 +55,34 @@ class Generation:
         except BaseException:
             self.close()
             raise
+
+    async def submit_or_raise(self) -> None:
+        """`submit`, with the engine's refusals as `APIError`s (400 or 503)."""
+        try:
+            await self.submit()
+        except QueueFullError as e:
+            raise APIError(503, str(e), headers={"Retry-After": "1"}) from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param_of(str(e))) from None
+
+    async def collect(self) -> list:
+        """Every prompt's final output (for non-streaming responses)."""
+        finals = [None] * len(self.prompts)
+        async for i, out in self.outputs():
+            finals[i] = out
+        for out in finals:
+            for o in out.outputs if out is not None else ():
+                self.completion_tokens += len(o.token_ids)
+                self.finish_reasons.append(o.finish_reason)
+        if any(f is None or not f.finished for f in finals):
+            raise EngineDeadError("generation ended without a final output")
+        return finals
+
+    def usage(self, prompt_tokens: int) -> P.UsageInfo:
+        return P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,
+                           total_tokens=prompt_tokens + self.completion_tokens)
 
     async def outputs(self):
         """Yield (prompt index, output) from all streams as they come."""
@@ -124,6 +157,18 @@ async def run_until_disconnect(request, coro):
     except BaseException:  # noqa: BLE001 - the client is gone either way
         pass
     raise ClientGone()
+
+
+async def guarded_stream(gen: Generation, chunks):
+    """SSE chunks, then ``[DONE]``; a failure after the stream started is sent
+    in-band as an error chunk before ``[DONE]``."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+        logger.warning("stream %s failed: %r", gen.base_id, e)
+        yield error_chunk(e)
+    yield "data: [DONE]\n\n"
 
 
 class SSEResponse:

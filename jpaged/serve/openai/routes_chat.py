@@ -1,0 +1,101 @@
+"""``POST /v1/chat/completions``: messages rendered through the chat template,
+``n`` samples, as one JSON response or as Server-Sent Events (a first chunk
+with the assistant role per choice, then content deltas)."""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from jpaged.serve.openai import protocol as P
+from jpaged.serve.openai.errors import APIError
+from jpaged.serve.openai.routes_completions import stream_opts
+from jpaged.serve.openai.state import ServerState
+from jpaged.serve.openai.streams import (ClientGone, Generation, SSEResponse, guarded_stream,
+                                         run_until_disconnect, sse)
+
+
+async def chat_completions(request: Request):
+    st: ServerState = request.app.state.jpaged
+    req = await P.read_model(request, P.ChatCompletionRequest, st.cfg.max_request_bytes)
+    model = st.check_model(req.model)
+    include_usage, _ = stream_opts(req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+        else req.max_tokens
+    text = await st.in_pool(st.render_chat, req.messages, req.add_generation_prompt,
+                            req.continue_final_message)
+    ids = await st.in_pool(st.tokenize, text, False)
+    if max_tokens is None and len(ids) >= st.max_model_len:
+        raise APIError(400, f"prompt has {len(ids)} tokens, no room under "
+                       f"max_model_len={st.max_model_len}", "messages")
+    params = P.make_sampling_params(req, st.vocab_size, max_tokens, logprobs)
+    gen = Generation(st, f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.priority,
+                     "delta" if req.stream else "cumulative")
+    await gen.submit_or_raise()
+    if req.stream:
+        return SSEResponse(
+            guarded_stream(gen, _chat_chunks(gen, model, include_usage, logprobs)), gen.close)
+    try:
+        finals = await run_until_disconnect(request, gen.collect())
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        gen.close()
+    out = finals[0]
+    choices = [P.ChatChoice(
+        index=o.index, message=P.ChatResponseMessage(content=o.text),
+        logprobs=chat_logprobs(st, o.token_ids, o.logprobs, logprobs)
+        if logprobs is not None else None,
+        finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in out.outputs]
+    n_out = sum(len(o.token_ids) for o in out.outputs)
+    usage = P.UsageInfo(prompt_tokens=len(ids), completion_tokens=n_out,
+                        total_tokens=len(ids) + n_out)
+    return JSONResponse(P.ChatCompletionResponse(id=gen.base_id, model=model, choices=choices,
+                                                 usage=usage).model_dump())
+
+
+def chat_logprobs(st: ServerState, token_ids, logprobs, top_n: int) -> P.ChatLogprobs:
+    content = []
+    for tid, entry in zip(token_ids, logprobs or []):
+        lp = entry.get(tid)
+        tok = st.token_str(tid, lp)
+        tops = sorted(((v.rank or 0, t, v) for t, v in entry.items() if t != tid or
+                       (v.rank or 0) <= top_n), key=lambda x: x[0])
+        top = [P.TopLogprob(token=st.token_str(t, v), logprob=v.logprob,
+                            bytes=list(st.token_str(t, v).encode()))
+               for r, t, v in tops if 1 <= r <= top_n]
+        content.append(P.ChatTokenLogprob(token=tok, logprob=lp.logprob if lp else 0.0,
+                                          bytes=list(tok.encode()), top_logprobs=top))
+    return P.ChatLogprobs(content=content)
+
+
+async def _chat_chunks(gen: Generation, model: str, include_usage: bool, logprobs):
+    st = gen.state
+    prompt_tokens = len(gen.prompts[0])
+    for k in range(gen.params.n):
+        yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[
+            P.ChatChunkChoice(index=k, delta=P.DeltaMessage(role="assistant",
+                                                            content=""))]))
+    async for _, out in gen.outputs():
+        choices = []
+        for o in out.outputs:
+            gen.completion_tokens += len(o.token_ids)
+            if o.finish_reason is not None:
+                gen.finish_reasons.append(o.finish_reason)
+            if not o.text and not o.token_ids and o.finish_reason is None:
+                continue
+            choices.append(P.ChatChunkChoice(
+                index=o.index, delta=P.DeltaMessage(content=o.text),
+                finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                logprobs=chat_logprobs(st, o.token_ids, o.logprobs, logprobs)
+                if logprobs is not None else None))
+        if choices:
+            yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=choices))
+    if include_usage:
+        yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[],
+                                         usage=gen.usage(prompt_tokens)))
