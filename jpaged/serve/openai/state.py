@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from jpaged.engine.async_llm import AsyncLLM
 from jpaged.serve.metrics import ServerMetrics
 from jpaged.serve.openai import protocol as P
 from jpaged.serve.openai.errors import APIError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 
@@ -131,5 +134,21 @@ class ServerState:
                                        chat_template=self.cfg.chat_template, **kw)
         except APIError:
             raise
-        except Exception as e:  # template errors (including sandbox violations)
-            raise APIError(400, f"chat template failed: {e}", "messages") from None
+        except Exception as e:
+            raise _template_error(e) from None
+
+
+def _template_error(e: Exception) -> APIError:
+    """A 400 when the messages made the template fail (its own raise_exception,
+    a sandbox violation, a missing field); a 500 when the server's template
+    machinery is at fault (jinja2 missing, a template that does not parse)."""
+    try:
+        import jinja2
+        client_fault = (jinja2.TemplateError, ValueError, TypeError, KeyError)
+        server_fault = isinstance(e, jinja2.TemplateSyntaxError)
+    except ImportError:
+        client_fault, server_fault = (), True
+    if server_fault or not isinstance(e, client_fault):
+        logger.error("chat template machinery failed: %r", e)
+        return APIError(500, f"chat template could not run: {type(e).__name__}: {e}")
+    return APIError(400, f"chat template failed: {e}", "messages")
