@@ -4,7 +4,9 @@
 every step) sets the gauges from `EngineStats` and increments the counters
 by their deltas; ``on_output`` (loop thread, every `RequestOutput`) observes
 inter-token latency as tokens arrive and, when a request finishes, its time to
-first token, end-to-end latency, queue time and finish reason. Each app has
+first token, end-to-end latency, queue time and finish reason; ``on_abort``
+(loop thread, when the engine aborts an unfinished request) counts the abort
+and drops the request's entry, so nothing is kept for requests that are gone. Each app has
 its own `CollectorRegistry`, so several servers can live in one process.
 """
 

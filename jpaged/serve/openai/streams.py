@@ -119,9 +119,7 @@ class Generation:
         """Abort whatever has not finished; log the request if asked."""
         for stream in self.streams:
             self.state.active.discard(stream.request_id)
-            if not stream.finished:
-                stream.close()
-                self.state.metrics.on_abort(stream.request_id)
+            stream.close()  # aborts it if unfinished; the metrics hear of it then
         if self.state.cfg.enable_log_requests and self.submitted:
             request_logger.info(
                 "request %s: prompts=%d prompt_tokens=%d output_tokens=%d latency=%.3fs "
