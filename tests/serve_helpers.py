@@ -24,7 +24,7 @@ class ThreadServer:
     def __init__(self, app, llm=None):
         import uvicorn
 
-        from jpaged.serve.openai.app import uvicorn_config
+        from jpaged.serve.http import uvicorn_config
 
         self.app, self.llm = app, llm
         self.sock = socket.socket()

@@ -16,7 +16,9 @@ The life of a request:
    `SSEResponse`, which also watches for the disconnect. Either way a client
    that goes away aborts its requests, and the engine frees their blocks.
 5. On SIGTERM the server answers new work with 503, waits up to
-   ``shutdown_timeout`` for requests in flight, aborts the rest, and exits.
+   ``shutdown_timeout`` for requests in flight, aborts the rest, and exits;
+   a second SIGTERM (or Ctrl-C) aborts them at once. Either way the engine
+   loop is shut down before the process exits.
 
 Tested end to end with uvicorn on 127.0.0.1 and the official ``openai``
 client (tests/test_server*.py).
@@ -36,6 +38,8 @@ from starlette.routing import Route
 
 from jpaged.engine.async_llm import AsyncLLM, EngineDeadError
 from jpaged.serve.auth import APIKeyMiddleware
+from jpaged.serve.http import uvicorn_config
+from jpaged.serve.logsafe import get_logger
 from jpaged.serve.metrics import ServerMetrics
 from jpaged.serve.openai import routes_misc as misc
 from jpaged.serve.openai.errors import APIError, error_response, param_of
@@ -43,7 +47,7 @@ from jpaged.serve.openai.routes_chat import chat_completions
 from jpaged.serve.openai.routes_completions import completions
 from jpaged.serve.openai.state import ServeConfig, ServerState, serve_config_from_args
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def _wrap(handler):
@@ -108,6 +112,8 @@ def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = N
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
                                                        Exception: _server_error})
     app.state.jpaged = state
+    for name in ("uvicorn.access", "uvicorn.error"):  # they log request paths
+        get_logger(name)
     public = {"/health"} | ({"/metrics"} if cfg.metrics_public else set())
     outer = APIKeyMiddleware(DrainMiddleware(app, state), cfg.api_keys, public)
     outer.state = state  # for run_server and tests
@@ -135,16 +141,6 @@ async def _drain_watch(state: ServerState, poll: float = 0.05) -> None:
         state.server.should_exit = True
 
 
-def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000,
-                   max_header_bytes: int = 64 << 10, log_level: str = "warning"):
-    """uvicorn settings: h11 (whose request head size is bounded), no lifespan."""
-    import uvicorn
-
-    return uvicorn.Config(app, host=host, port=port, http="h11", lifespan="off",
-                          h11_max_incomplete_event_size=max_header_bytes, server_header=False,
-                          timeout_graceful_shutdown=5, log_level=log_level)
-
-
 def run_server(args) -> int:
     """Build the engine and serve until SIGTERM/SIGINT (the ``jpaged serve`` command)."""
     import uvicorn
@@ -162,13 +158,25 @@ def run_server(args) -> int:
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            if state.draining or sig not in (signal.SIGTERM, signal.SIGINT):
+            if sig not in (signal.SIGTERM, signal.SIGINT):
                 return super().handle_exit(sig, frame)
-            state.drain_deadline = time.monotonic() + cfg.shutdown_timeout
-            state.draining = True
+            if not state.draining:
+                state.drain_deadline = time.monotonic() + cfg.shutdown_timeout
+                state.draining = True
+                return
+            # A second signal: stop now. Not through uvicorn's handler, which
+            # re-raises the signal once serve() returns and so would kill the
+            # process before the engine is shut down.
+            logger.warning("second signal: aborting %d requests, stopping now",
+                           len(state.active))
+            for rid in list(state.active):
+                state.llm.abort(rid)
+            self.should_exit = self.force_exit = True
 
-    server = _Server(uvicorn_config(app, args.host, args.port, args.max_header_bytes,
-                                    args.uvicorn_log_level))
+    server = _Server(uvicorn_config(
+        app, args.host, args.port, args.max_header_bytes, args.uvicorn_log_level,
+        limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.timeout_keep_alive,
+        head_timeout=args.request_head_timeout))
     state.server = server
 
     async def main():
@@ -182,5 +190,5 @@ def run_server(args) -> int:
         asyncio.run(main())
     finally:
         llm.shutdown()
-        state.pool.shutdown(wait=False)
+        state.close()
     return 0

@@ -10,16 +10,17 @@ here, because `SamplingParams` only checks their lower bounds.
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jpaged.sampling_params import SamplingParams
+from jpaged.serve.logsafe import get_logger
 from jpaged.serve.openai.errors import APIError, param_of
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 INT32_MAX = 2**31 - 1
 SEED_MAX = 2**63 - 1
@@ -217,17 +218,22 @@ class DetokenizeResponse(BaseModel):
 
 
 # --------------------------------------------------------------- reading
-async def read_model(request, cls, max_bytes: int):
-    """The body of ``request`` validated as ``cls``; a 413 over ``max_bytes``."""
+async def read_model(request, cls, max_bytes: int, timeout: float | None = None):
+    """The body of ``request`` validated as ``cls``: a 413 over ``max_bytes``,
+    a 408 if it takes longer than ``timeout`` seconds to arrive."""
     cl = request.headers.get("content-length")
     if cl is not None and (not cl.isdigit() or int(cl) > max_bytes):
         raise APIError(413, f"request body is over {max_bytes} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"request body is over {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise APIError(413, f"request body is over {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"request body did not arrive within {timeout:g}s") from None
     try:
         obj = cls.model_validate_json(b"".join(chunks))
     except ValidationError as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from jpaged.serve.openai import protocol as P
 from jpaged.serve.openai.errors import APIError
@@ -19,7 +19,7 @@ from jpaged.serve.openai.streams import (ClientGone, Generation, SSEResponse, gu
 
 async def chat_completions(request: Request):
     st: ServerState = request.app.state.jpaged
-    req = await P.read_model(request, P.ChatCompletionRequest, st.cfg.max_request_bytes)
+    req = await st.read(request, P.ChatCompletionRequest)
     model = st.check_model(req.model)
     include_usage, _ = stream_opts(req)
     if req.top_logprobs is not None and not req.logprobs:
@@ -27,36 +27,51 @@ async def chat_completions(request: Request):
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
+    st.check_fanout(1, req.n, max_tokens or 1, logprobs)
+    st.check_length(sum(_content_chars(m.content) for m in req.messages), "messages")
     text = await st.in_pool(st.render_chat, req.messages, req.add_generation_prompt,
                             req.continue_final_message)
     ids = await st.in_pool(st.tokenize, text, False)
     if max_tokens is None and len(ids) >= st.max_model_len:
         raise APIError(400, f"prompt has {len(ids)} tokens, no room under "
                        f"max_model_len={st.max_model_len}", "messages")
+    st.check_fanout(1, req.n, max_tokens, logprobs, [len(ids)])
     params = P.make_sampling_params(req, st.vocab_size, max_tokens, logprobs)
-    gen = Generation(st, f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.priority,
+    gen = Generation(st, request, f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.priority,
                      "delta" if req.stream else "cumulative")
     await gen.submit_or_raise()
     if req.stream:
         return SSEResponse(
-            guarded_stream(gen, _chat_chunks(gen, model, include_usage, logprobs)), gen.close)
+            guarded_stream(gen, _chat_chunks(gen, model, include_usage, logprobs)), gen.close,
+            st.cfg.send_timeout)
     try:
         finals = await run_until_disconnect(request, gen.collect())
     except ClientGone:
         return Response(status_code=499)
     finally:
         gen.close()
-    out = finals[0]
-    choices = [P.ChatChoice(
-        index=o.index, message=P.ChatResponseMessage(content=o.text),
-        logprobs=chat_logprobs(st, o.token_ids, o.logprobs, logprobs)
-        if logprobs is not None else None,
-        finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in out.outputs]
-    n_out = sum(len(o.token_ids) for o in out.outputs)
-    usage = P.UsageInfo(prompt_tokens=len(ids), completion_tokens=n_out,
-                        total_tokens=len(ids) + n_out)
-    return JSONResponse(P.ChatCompletionResponse(id=gen.base_id, model=model, choices=choices,
-                                                 usage=usage).model_dump())
+
+    def build() -> bytes:  # on a worker thread: logprobs can make this big
+        out = finals[0]
+        choices = [P.ChatChoice(
+            index=o.index, message=P.ChatResponseMessage(content=o.text),
+            logprobs=chat_logprobs(st, o.token_ids, o.logprobs, logprobs)
+            if logprobs is not None else None,
+            finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in out.outputs]
+        n_out = sum(len(o.token_ids) for o in out.outputs)
+        usage = P.UsageInfo(prompt_tokens=len(ids), completion_tokens=n_out,
+                            total_tokens=len(ids) + n_out)
+        return P.ChatCompletionResponse(id=gen.base_id, model=model, choices=choices,
+                                        usage=usage).model_dump_json().encode()
+
+    return Response(await st.build(build), media_type="application/json")
+
+
+def _content_chars(content) -> int:
+    if isinstance(content, list):
+        return sum(len(p.get("text") or "") if isinstance(p.get("text"), str) else 0
+                   for p in content)
+    return len(content or "")
 
 
 def chat_logprobs(st: ServerState, token_ids, logprobs, top_n: int) -> P.ChatLogprobs:

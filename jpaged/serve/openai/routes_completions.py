@@ -9,16 +9,13 @@ from __future__ import annotations
 import uuid
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from jpaged.serve.openai import protocol as P
 from jpaged.serve.openai.errors import APIError
 from jpaged.serve.openai.state import ServerState
 from jpaged.serve.openai.streams import (ClientGone, Generation, SSEResponse, guarded_stream,
                                          run_until_disconnect, sse)
-
-MAX_PROMPTS_PER_REQUEST = 256
-
 
 def stream_opts(req) -> tuple[bool, bool]:
     """(include_usage, continuous_usage_stats); a 400 if given without streaming."""
@@ -30,7 +27,7 @@ def stream_opts(req) -> tuple[bool, bool]:
 
 async def completions(request: Request):
     st: ServerState = request.app.state.jpaged
-    req = await P.read_model(request, P.CompletionRequest, st.cfg.max_request_bytes)
+    req = await st.read(request, P.CompletionRequest)
     model = st.check_model(req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
@@ -44,18 +41,18 @@ async def completions(request: Request):
         raw = [raw]
     if not raw:
         raise APIError(400, "prompt is empty", "prompt")
-    if len(raw) > MAX_PROMPTS_PER_REQUEST:
-        raise APIError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", "prompt")
+    st.check_fanout(len(raw), req.n, req.max_tokens, req.logprobs)
     prompts, texts = [], []
     for p in raw:
         if isinstance(p, str):
+            st.check_length(len(p))
             prompts.append(await st.in_pool(st.tokenize, p, True))
             texts.append(p)
         else:
             prompts.append(st.check_ids(list(p)))
             texts.append(None)
     params = P.make_sampling_params(req, st.vocab_size, req.max_tokens, req.logprobs)
-    gen = Generation(st, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.priority,
+    gen = Generation(st, request, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.priority,
                      "delta" if req.stream else "cumulative")
     await gen.submit_or_raise()
     if req.echo:
@@ -66,27 +63,31 @@ async def completions(request: Request):
     if req.stream:
         chunks = _completion_chunks(gen, model, texts if req.echo else None, include_usage,
                                     req.logprobs)
-        return SSEResponse(guarded_stream(gen, chunks), gen.close)
+        return SSEResponse(guarded_stream(gen, chunks), gen.close, st.cfg.send_timeout)
     try:
         finals = await run_until_disconnect(request, gen.collect())
     except ClientGone:
         return Response(status_code=499)
     finally:
         gen.close()
-    choices, usage = [], P.UsageInfo()
-    for i, out in enumerate(finals):
-        usage.prompt_tokens += len(prompts[i])
-        for o in out.outputs:
-            usage.completion_tokens += len(o.token_ids)
-            prefix = texts[i] if req.echo else ""
-            choices.append(P.CompletionChoice(
-                index=i * n + o.index, text=prefix + o.text,
-                logprobs=completion_logprobs(st, o.token_ids, o.logprobs, 0)
-                if req.logprobs is not None else None,
-                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-    return JSONResponse(P.CompletionResponse(id=gen.base_id, model=model, choices=choices,
-                                             usage=usage).model_dump())
+
+    def build() -> bytes:  # on a worker thread: logprobs can make this big
+        choices, usage = [], P.UsageInfo()
+        for i, out in enumerate(finals):
+            usage.prompt_tokens += len(prompts[i])
+            for o in out.outputs:
+                usage.completion_tokens += len(o.token_ids)
+                prefix = texts[i] if req.echo else ""
+                choices.append(P.CompletionChoice(
+                    index=i * n + o.index, text=prefix + o.text,
+                    logprobs=completion_logprobs(st, o.token_ids, o.logprobs, 0)
+                    if req.logprobs is not None else None,
+                    finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return P.CompletionResponse(id=gen.base_id, model=model, choices=choices,
+                                    usage=usage).model_dump_json().encode()
+
+    return Response(await st.build(build), media_type="application/json")
 
 
 def completion_logprobs(st: ServerState, token_ids, logprobs, offset: int

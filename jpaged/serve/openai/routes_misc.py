@@ -46,14 +46,17 @@ async def metrics_endpoint(request: Request):
 
 async def tokenize(request: Request):
     st = _state(request)
-    req = await P.read_model(request, P.TokenizeRequest, st.cfg.max_request_bytes)
+    req = await st.read(request, P.TokenizeRequest)
     st.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", "prompt")
     if req.messages is not None:
+        st.check_length(sum(len(m.content) if isinstance(m.content, str) else 0
+                            for m in req.messages), "messages")
         text = await st.in_pool(st.render_chat, req.messages, req.add_generation_prompt)
         ids = await st.in_pool(st.tokenize, text, False)
     else:
+        st.check_length(len(req.prompt))
         ids = await st.in_pool(st.tokenize, req.prompt, req.add_special_tokens)
     return JSONResponse(P.TokenizeResponse(count=len(ids), max_model_len=st.max_model_len,
                                            tokens=ids).model_dump())
@@ -61,7 +64,7 @@ async def tokenize(request: Request):
 
 async def detokenize(request: Request):
     st = _state(request)
-    req = await P.read_model(request, P.DetokenizeRequest, st.cfg.max_request_bytes)
+    req = await st.read(request, P.DetokenizeRequest)
     st.check_model(req.model)
     ids = st.check_ids(req.tokens, "tokens") if req.tokens else []
     text = await st.in_pool(st.tokenizer.decode, ids)

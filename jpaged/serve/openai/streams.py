@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 
 from jpaged.engine.async_llm import EngineDeadError, QueueFullError
 from jpaged.sampling_params import SamplingParams
+from jpaged.serve.auth import PRINCIPAL
+from jpaged.serve.logsafe import get_logger
 from jpaged.serve.openai import protocol as P
 from jpaged.serve.openai.errors import APIError, param_of
 
-logger = logging.getLogger(__name__)
-request_logger = logging.getLogger("jpaged.serve.requests")
+logger = get_logger(__name__)
+request_logger = get_logger("jpaged.serve.requests")
 
 
 class ClientGone(Exception):
@@ -31,10 +32,14 @@ class ClientGone(Exception):
 class Generation:
     """One HTTP request's engine requests: submit, merge outputs, abort on exit."""
 
-    def __init__(self, state, base_id: str, prompts: list[list[int]],
+    def __init__(self, state, request, base_id: str, prompts: list[list[int]],
                  params: SamplingParams, priority: int, output_kind: str):
         self.state, self.base_id, self.prompts = state, base_id, prompts
-        self.params, self.priority, self.output_kind = params, priority, output_kind
+        self.params, self.output_kind = params, output_kind
+        # Clients choose their priority only where the server allows it.
+        self.priority = priority if state.cfg.allow_client_priority else 0
+        # Tenants share prefix-cache blocks only with themselves.
+        self.cache_salt = request.scope.get(PRINCIPAL)
         self.streams = []
         self.start = time.monotonic()
         self.completion_tokens = 0
@@ -48,6 +53,7 @@ class Generation:
                 rid = f"{self.base_id}-{i}"
                 stream = await llm.add_request(rid, {"prompt_token_ids": ids}, self.params,
                                                priority=self.priority,
+                                               cache_salt=self.cache_salt,
                                                output_kind=self.output_kind)
                 self.streams.append(stream)
                 self.state.active.add(rid)
@@ -171,10 +177,13 @@ async def guarded_stream(gen: Generation, chunks):
 
 class SSEResponse:
     """Server-Sent Events from an async iterator of strings; stops (and closes
-    the iterator, which aborts the requests) when the client disconnects."""
+    the iterator, which aborts the requests) when the client disconnects, or
+    when one chunk could not be handed to the socket within ``send_timeout``
+    seconds (a client that stopped reading: its blocks are freed, and what
+    it would have been sent is not kept)."""
 
-    def __init__(self, chunks, on_close):
-        self.chunks, self.on_close = chunks, on_close
+    def __init__(self, chunks, on_close, send_timeout: float | None = None):
+        self.chunks, self.on_close, self.send_timeout = chunks, on_close, send_timeout
         self.status_code = 200
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
                             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -185,8 +194,13 @@ class SSEResponse:
 
         async def produce():
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk.encode(),
-                            "more_body": True})
+                msg = {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+                try:
+                    await asyncio.wait_for(send(msg), self.send_timeout)
+                except TimeoutError:
+                    logger.warning("stream aborted: the client read nothing for %gs",
+                                   self.send_timeout)
+                    return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         producer = asyncio.ensure_future(produce())
