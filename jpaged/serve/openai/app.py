@@ -27,6 +27,7 @@ client (tests/test_server*.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -117,6 +118,10 @@ def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = N
     public = {"/health"} | ({"/metrics"} if cfg.metrics_public else set())
     outer = APIKeyMiddleware(DrainMiddleware(app, state), cfg.api_keys, public)
     outer.state = state  # for run_server and tests
+    # The engine and the libraries are loaded by now and live as long as the
+    # process: freezing them keeps the garbage collector's full passes (which
+    # hold the GIL and so stall the event loop) to objects made while serving.
+    gc.freeze()
     return outer
 
 

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from jpaged.serve.openai import protocol as P
+from jpaged.serve.openai.encode import chat_logprobs_json, encode
 from jpaged.serve.openai.errors import APIError
 from jpaged.serve.openai.routes_completions import stream_opts
 from jpaged.serve.openai.state import ServerState
@@ -55,14 +56,14 @@ async def chat_completions(request: Request):
         out = finals[0]
         choices = [P.ChatChoice(
             index=o.index, message=P.ChatResponseMessage(content=o.text),
-            logprobs=chat_logprobs(st, o.token_ids, o.logprobs, logprobs)
-            if logprobs is not None else None,
             finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in out.outputs]
+        lps = [chat_logprobs_json(st, o.token_ids, o.logprobs, logprobs)
+               if logprobs is not None else None for o in out.outputs]
         n_out = sum(len(o.token_ids) for o in out.outputs)
         usage = P.UsageInfo(prompt_tokens=len(ids), completion_tokens=n_out,
                             total_tokens=len(ids) + n_out)
-        return P.ChatCompletionResponse(id=gen.base_id, model=model, choices=choices,
-                                        usage=usage).model_dump_json().encode()
+        return encode(P.ChatCompletionResponse(
+            id=gen.base_id, model=model, choices=choices, usage=usage), lps).encode()
 
     return Response(await st.build(build), media_type="application/json")
 
@@ -74,21 +75,6 @@ def _content_chars(content) -> int:
     return len(content or "")
 
 
-def chat_logprobs(st: ServerState, token_ids, logprobs, top_n: int) -> P.ChatLogprobs:
-    content = []
-    for tid, entry in zip(token_ids, logprobs or []):
-        lp = entry.get(tid)
-        tok = st.token_str(tid, lp)
-        tops = sorted(((v.rank or 0, t, v) for t, v in entry.items() if t != tid or
-                       (v.rank or 0) <= top_n), key=lambda x: x[0])
-        top = [P.TopLogprob(token=st.token_str(t, v), logprob=v.logprob,
-                            bytes=list(st.token_str(t, v).encode()))
-               for r, t, v in tops if 1 <= r <= top_n]
-        content.append(P.ChatTokenLogprob(token=tok, logprob=lp.logprob if lp else 0.0,
-                                          bytes=list(tok.encode()), top_logprobs=top))
-    return P.ChatLogprobs(content=content)
-
-
 async def _chat_chunks(gen: Generation, model: str, include_usage: bool, logprobs):
     st = gen.state
     prompt_tokens = len(gen.prompts[0])
@@ -97,7 +83,7 @@ async def _chat_chunks(gen: Generation, model: str, include_usage: bool, logprob
             P.ChatChunkChoice(index=k, delta=P.DeltaMessage(role="assistant",
                                                             content=""))]))
     async for _, out in gen.outputs():
-        choices = []
+        choices, lps = [], []
         for o in out.outputs:
             gen.completion_tokens += len(o.token_ids)
             if o.finish_reason is not None:
@@ -106,11 +92,12 @@ async def _chat_chunks(gen: Generation, model: str, include_usage: bool, logprob
                 continue
             choices.append(P.ChatChunkChoice(
                 index=o.index, delta=P.DeltaMessage(content=o.text),
-                finish_reason=o.finish_reason, stop_reason=o.stop_reason,
-                logprobs=chat_logprobs(st, o.token_ids, o.logprobs, logprobs)
-                if logprobs is not None else None))
+                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+            lps.append(chat_logprobs_json(st, o.token_ids, o.logprobs, logprobs)
+                       if logprobs is not None else None)
         if choices:
-            yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=choices))
+            yield sse(encode(P.ChatCompletionChunk(id=gen.base_id, model=model,
+                                                   choices=choices), lps))
     if include_usage:
         yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[],
                                          usage=gen.usage(prompt_tokens)))

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from jpaged.serve.openai import protocol as P
+from jpaged.serve.openai.encode import completion_logprobs_json, encode
 from jpaged.serve.openai.errors import APIError
 from jpaged.serve.openai.state import ServerState
 from jpaged.serve.openai.streams import (ClientGone, Generation, SSEResponse, guarded_stream,
@@ -72,7 +73,7 @@ async def completions(request: Request):
         gen.close()
 
     def build() -> bytes:  # on a worker thread: logprobs can make this big
-        choices, usage = [], P.UsageInfo()
+        choices, lps, usage = [], [], P.UsageInfo()
         for i, out in enumerate(finals):
             usage.prompt_tokens += len(prompts[i])
             for o in out.outputs:
@@ -80,28 +81,14 @@ async def completions(request: Request):
                 prefix = texts[i] if req.echo else ""
                 choices.append(P.CompletionChoice(
                     index=i * n + o.index, text=prefix + o.text,
-                    logprobs=completion_logprobs(st, o.token_ids, o.logprobs, 0)
-                    if req.logprobs is not None else None,
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+                lps.append(completion_logprobs_json(st, o.token_ids, o.logprobs, 0)
+                           if req.logprobs is not None else None)
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return P.CompletionResponse(id=gen.base_id, model=model, choices=choices,
-                                    usage=usage).model_dump_json().encode()
+        return encode(P.CompletionResponse(id=gen.base_id, model=model, choices=choices,
+                                           usage=usage), lps).encode()
 
     return Response(await st.build(build), media_type="application/json")
-
-
-def completion_logprobs(st: ServerState, token_ids, logprobs, offset: int
-                        ) -> P.CompletionLogprobs:
-    res = P.CompletionLogprobs()
-    for tid, entry in zip(token_ids, logprobs or []):
-        lp = entry.get(tid)
-        tok = st.token_str(tid, lp)
-        res.tokens.append(tok)
-        res.token_logprobs.append(lp.logprob if lp else None)
-        res.top_logprobs.append({st.token_str(t, v): v.logprob for t, v in entry.items()})
-        res.text_offset.append(offset)
-        offset += len(tok)
-    return res
 
 
 async def _completion_chunks(gen: Generation, model: str, echo_texts, include_usage: bool,
@@ -110,7 +97,7 @@ async def _completion_chunks(gen: Generation, model: str, echo_texts, include_us
     offsets: dict[int, int] = {}
     prompt_tokens = sum(map(len, gen.prompts))
     async for i, out in gen.outputs():
-        choices = []
+        choices, lps = [], []
         for o in out.outputs:
             idx = i * n + o.index
             text = o.text
@@ -125,11 +112,12 @@ async def _completion_chunks(gen: Generation, model: str, echo_texts, include_us
                 continue
             choices.append(P.CompletionChoice(
                 index=idx, text=text, finish_reason=o.finish_reason,
-                stop_reason=o.stop_reason,
-                logprobs=completion_logprobs(st, o.token_ids, o.logprobs, off)
-                if logprobs is not None else None))
+                stop_reason=o.stop_reason))
+            lps.append(completion_logprobs_json(st, o.token_ids, o.logprobs, off)
+                       if logprobs is not None else None)
         if choices:
-            yield sse(P.CompletionResponse(id=gen.base_id, model=model, choices=choices))
+            yield sse(encode(P.CompletionResponse(id=gen.base_id, model=model,
+                                                  choices=choices), lps))
     if include_usage:
         yield sse(P.CompletionResponse(id=gen.base_id, model=model, choices=[],
                                         usage=gen.usage(prompt_tokens)))

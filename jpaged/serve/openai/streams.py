@@ -222,7 +222,9 @@ class SSEResponse:
 
 
 def sse(obj) -> str:
-    data = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    """One event from a pydantic model, a dict, or already-encoded JSON."""
+    data = obj if isinstance(obj, str) else obj.model_dump_json() \
+        if hasattr(obj, "model_dump_json") else json.dumps(obj)
     return f"data: {data}\n\n"
 
 
