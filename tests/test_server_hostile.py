@@ -94,6 +94,7 @@ CASES = [
     (C, {"prompt": "x", "top_k": -2}, 400),
     (C, {"prompt": "x", "min_p": 2}, 400),
     (C, {"prompt": "x", "temperature": -1}, 400),
+    (C, {"prompt": "x", "temperature": 1e30}, 400),  # over MAX_TEMPERATURE: NaN in float32
     (C, {"prompt": "x", "repetition_penalty": 0}, 400),
     (C, {"prompt": "x", "presence_penalty": 5}, 400),
     (C, {"prompt": "x", "min_tokens": 10, "max_tokens": 5}, 400),
