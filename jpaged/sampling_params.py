@@ -16,6 +16,7 @@ _INT32 = 2**31
 # far below float32's range: logits are divided by it in float32, where an
 # overflow to inf would turn banned tokens' -inf into NaN (and NaN wins argmax).
 MAX_TEMPERATURE = 100.0
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # What each RequestOutput carries (vLLM's RequestOutputKind): "cumulative"
+    # (all so far), "delta" (only what is new) or "final_only" (one at the end).
+    output_kind: str = "cumulative"
     # Filled by the engine: the model's EOS ids (unless ignore_eos).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -98,6 +102,8 @@ class SamplingParams:
             bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
         if self.logprobs is not None and not 0 <= integer("logprobs"):
             bad("logprobs", "must be >= 0")
+        if self.output_kind not in OUTPUT_KINDS:
+            bad("output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < _INT32

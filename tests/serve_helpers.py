@@ -115,7 +115,8 @@ class FakeEngine:
     text is empty (finish reason "stop"). With ``logprobs`` asked, each token
     carries that many alternatives. A prompt ``"bad"`` is refused with
     ValueError; ``fail_after`` steps make `step` raise. Every `add_request`
-    is recorded in ``added`` as (request_id, priority, cache_salt)."""
+    is recorded in ``added`` as (request_id, priority, cache_salt). Outputs
+    are cumulative, or deltas with ``output_kind="delta"``, as the engine's."""
 
     def __init__(self, max_running: int = 4, step_delay: float = 0.0,
                  fail_after: int | None = None, tokenizer=None, pad: int = 0,
@@ -142,6 +143,8 @@ class FakeEngine:
         self.groups[request_id] = {"n": 0, "max": n_max, "ids": list(ids),
                                    "samples": params.n if params is not None else 1,
                                    "logprobs": params.logprobs if params is not None else None,
+                                   "delta": params is not None and params.output_kind == "delta",
+                                   "sent": (0, 0),
                                    "metrics": RequestMetrics(arrival_time=time.time())}
         self.added.append((request_id, priority, cache_salt))
         self.scheduler.waiting.append(request_id)
@@ -199,6 +202,11 @@ class FakeEngine:
                 g.setdefault("lps", []).extend(self._logprobs(toks[len(g.get("lps", [])):],
                                                               g["logprobs"]))
                 lps = list(g["lps"])
+            if g["delta"]:  # only what is new since the previous output
+                n_tok, n_text = g["sent"]
+                g["sent"] = (len(toks), len(text))
+                toks, text = toks[n_tok:], text[n_text:]
+                lps = lps[n_tok:] if lps is not None else None
             out = RequestOutput(
                 request_id=rid, prompt=None, prompt_token_ids=g["ids"],
                 outputs=[CompletionOutput(k, text, list(toks), None, lps, reason,

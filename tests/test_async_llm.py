@@ -94,7 +94,7 @@ def test_close_and_cancel_abort(make_llm):
 
     run(main())
     assert set(llm.engine.aborted) == {"closed", "cancelled"}
-    assert not llm.engine.groups
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_abort_by_id_ends_the_stream(make_llm):

@@ -48,7 +48,7 @@ def assert_all_blocks_free(llm):
     assert not e.kv.req_to_blocks
     # Rows of finished requests are released at the next schedule.
     e.step()
-    assert not e.runner.rows
+    assert not e.runner.batch.rows
 
 
 def run_greedy(llm, prompts, max_tokens=MAX_TOKENS):
@@ -60,11 +60,16 @@ def run_greedy(llm, prompts, max_tokens=MAX_TOKENS):
 SMALL = dict(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)
 
 
+ASYNC = pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+
+
+@ASYNC
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_greedy_equals_hf_each_arch(request, arch):
+def test_greedy_equals_hf_each_arch(request, arch, async_scheduling):
     model_dir = request.getfixturevalue(f"{arch}_dir")
     prompts = make_prompts()
-    llm = LLM(model_dir, block_size=16, **SMALL)  # 10 prompts > max_num_seqs=4
+    llm = LLM(model_dir, block_size=16, async_scheduling=async_scheduling,
+              **SMALL)  # 10 prompts > max_num_seqs=4
     assert run_greedy(llm, prompts) == hf_greedy(model_dir, prompts)
     assert_all_blocks_free(llm)
 
@@ -76,10 +81,11 @@ def test_greedy_equals_hf_each_arch(request, arch):
     dict(block_size=16, num_kv_blocks=12),  # preemption by recompute
     dict(block_size=8, num_kv_blocks=20, preemption_mode="swap", swap_space=0.01),
 ], ids=["chunked-bs8", "no-prefix-cache", "preempt-recompute", "preempt-swap"])
-def test_greedy_equals_hf_under_pressure(request, arch, case):
+@ASYNC
+def test_greedy_equals_hf_under_pressure(request, arch, case, async_scheduling):
     model_dir = request.getfixturevalue(f"{arch}_dir")
     prompts = make_prompts(seed=1)
-    cfg = {**SMALL, **case}
+    cfg = {**SMALL, **case, "async_scheduling": async_scheduling}
     llm = LLM(model_dir, **cfg)
     assert run_greedy(llm, prompts) == hf_greedy(model_dir, prompts)
     stats = llm.llm_engine.get_stats()

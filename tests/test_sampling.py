@@ -10,9 +10,9 @@ from test_engine import assert_all_blocks_free, make_prompts
 CFG = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=8)
 
 
-@pytest.fixture(scope="module")
-def llm(llama_dir):
-    return LLM(llama_dir, **CFG)
+@pytest.fixture(scope="module", params=[True, False], ids=["async", "sync"])
+def llm(request, llama_dir):
+    return LLM(llama_dir, async_scheduling=request.param, **CFG)
 
 
 def gen(llm, prompts, params):
@@ -118,7 +118,9 @@ def test_n4_parallel_samples_share_prompt_blocks(llm):
     engine = llm.llm_engine
     p = make_prompts(seed=10, lens=(30,))[0]
     engine.add_request("n4", p, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=10))
-    outputs = engine.step()  # prefill: one sequence, four samples
+    outputs = []
+    while not outputs:  # prefill: one sequence, four samples (async: read a step later)
+        outputs = engine.step()
     assert len(outputs) == 1 and len(outputs[0].outputs) == 4
     ids = [engine.kv.get_block_ids(f"n4#{k}") for k in (1, 2, 3)] + [engine.kv.get_block_ids("n4")]
     assert all(i == ids[0] for i in ids)  # all four share the prompt's blocks
@@ -218,12 +220,17 @@ def test_abort_frees_blocks(llm):
     assert_all_blocks_free(llm)
 
 
-def test_no_compile_after_warmup(llama_dir):
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_no_compile_after_warmup(llama_dir, async_scheduling, preemption_mode):
     llm = LLM(llama_dir, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256,
-              block_size=8, num_kv_blocks=40)
+              block_size=8, num_kv_blocks=40, async_scheduling=async_scheduling,
+              preemption_mode=preemption_mode, swap_space=0.01)
     e = llm.llm_engine
     before = e.runner.num_compiles
-    assert before == len(e.runner.buckets)
+    # Swaps pad to powers of two: gather + scatter for 1..64 blocks (39 usable).
+    swap_sizes = 0 if preemption_mode == "recompute" else 2 * 7
+    assert before == len(e.runner.buckets) + swap_sizes
     rng = np.random.default_rng(0)
     prompts = make_prompts(seed=13, lens=tuple(int(x) for x in rng.integers(1, 90, 14)))
     params = [SamplingParams(temperature=float(rng.uniform(0, 1.5)), top_p=0.9, top_k=int(k),

@@ -4,6 +4,7 @@ every sample row gets token 7. No model, no JAX."""
 import pytest
 
 from jpaged.cache import KVCacheManager
+from jpaged.engine.output_processor import check_token_stop
 from jpaged.sampling_params import SamplingParams
 from jpaged.sched import Request, RequestStatus, Scheduler, SchedulerConfig
 
@@ -28,7 +29,7 @@ def run_step(s):
     s.update_from_output(out, [[7] * sr.num_samples for sr in out.scheduled])
     for r in list(s.running):
         if r.num_output_tokens and r.num_computed_tokens == r.num_tokens - 1 \
-                and s.check_token_stop(r):
+                and check_token_stop(r, s.config.max_model_len):
             s.finish_requests([r.request_id], r.status)
     return out, {sr.request.request_id: sr.num_new_tokens for sr in out.scheduled}
 

@@ -158,6 +158,21 @@ class KVCacheManager:
         new_computed_block_ids: Sequence[int] = (),
         cache_salt: str | None = None,
     ) -> list[int] | None:
+        """Makes room for ``num_new_tokens`` more tokens of the request; returns
+        its full block-id list or None. See `allocate_slots_delta`."""
+        changed = self.allocate_slots_delta(request_id, token_ids, num_computed_tokens,
+                                            num_new_tokens, new_computed_block_ids, cache_salt)
+        return None if changed is None else self.get_block_ids(request_id)
+
+    def allocate_slots_delta(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        num_new_tokens: int,
+        new_computed_block_ids: Sequence[int] = (),
+        cache_salt: str | None = None,
+    ) -> tuple[int, list[int]] | None:
         """Makes room for ``num_new_tokens`` more tokens of the request.
 
         Args:
@@ -171,8 +186,12 @@ class KVCacheManager:
           cache_salt: the same salt given to ``get_computed_blocks``.
 
         Returns:
-          The request's full block-id list, or None (nothing changed) if the
-          free blocks, counting revived prefix hits and copy-on-write, fall short.
+          ``(offset, block_ids)``: the request's block list changed from index
+          ``offset`` on, and these are its entries from there (the blocks this
+          step writes into, the new ones and any copied on write; not the whole
+          list, so a decode step costs the same at any length). None (nothing
+          changed) if the free blocks, counting revived prefix hits and
+          copy-on-write, fall short.
         """
         bs = self.block_size
         assert num_computed_tokens >= 0 and num_new_tokens >= 0
@@ -202,6 +221,7 @@ class KVCacheManager:
         # Touch the hits first so that get_new_blocks cannot evict them.
         self.pool.touch(computed)
         blocks = self.req_to_blocks.setdefault(request_id, blocks)
+        offset = min(len(blocks), num_computed_tokens // bs) if blocks else 0
         if computed:
             blocks.extend(computed)
             self._num_cached_blocks[request_id] = len(computed)
@@ -216,7 +236,7 @@ class KVCacheManager:
         if self.enable_caching:
             num_full = min(num_computed_tokens + num_new_tokens, len(token_ids)) // bs
             self._cache_full_blocks(request_id, token_ids, cache_salt, num_full)
-        return [b.block_id for b in blocks]
+        return offset, [b.block_id for b in blocks[offset:]]
 
     def _cache_full_blocks(
         self, request_id: str, token_ids: Sequence[int], cache_salt: str | None, num_full: int

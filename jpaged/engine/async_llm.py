@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable
 
 from jpaged.engine.request_stream import ABORTED, RequestStream
 from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import OUTPUT_KINDS, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class AsyncLLM:
             are waiting; ``None`` for no limit.
         stat_loggers: objects with optional ``on_step(stats)`` (after each
             step, with `EngineStats`), ``on_output(out)`` (every
-            `RequestOutput`) and ``on_abort(request_id)`` (an unfinished
+            `RequestOutput`, a delta: only the step's new tokens) and ``on_abort(request_id)`` (an unfinished
             request was aborted) methods, called in the loop thread; an
             exception in one is logged and never stops the engine.
     """
@@ -105,10 +105,14 @@ class AsyncLLM:
             QueueFullError: ``max_queue_len`` requests are already waiting.
             EngineDeadError: the engine loop is dead or shut down.
         """
-        if output_kind not in ("cumulative", "delta"):
-            raise ValueError(f"output_kind={output_kind!r} must be 'cumulative' or 'delta'")
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind={output_kind!r} must be one of "
+                             f"{', '.join(OUTPUT_KINDS)}")
         self._check_alive()
-        stream = RequestStream(self, request_id, output_kind, engine_deltas=False)
+        # The engine sends deltas; the stream builds what its reader asked for.
+        params = (params or SamplingParams()).clone()
+        params.output_kind = "delta"
+        stream = RequestStream(self, request_id, output_kind)
         accepted = stream.loop.create_future()
         self._commands.put(("add", (request_id, prompt, params, priority, cache_salt),
                             stream, accepted))

@@ -53,6 +53,8 @@ class LLM:
                 raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        # Only the final output of each request is read: build nothing before it.
+        params = [_final_only(sp) for sp in params]
         engine = self.llm_engine
         ids = []
         try:
@@ -99,3 +101,11 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [done[i] for i in ids]
+
+
+def _final_only(sp: SamplingParams) -> SamplingParams:
+    if sp.output_kind == "final_only":
+        return sp
+    sp = sp.clone()
+    sp.output_kind = "final_only"
+    return sp

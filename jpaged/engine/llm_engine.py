@@ -3,24 +3,28 @@
 The path of a request:
 
 1. `add_request` validates the prompt and `SamplingParams`, tokenizes, draws
-   a seed if the user gave none, and hands a `Request` to the `Scheduler`.
-2. `step` asks the scheduler what runs (`schedule`), runs it on the device
-   (`ModelRunner.execute`: forward, KV write and sampling in one jitted call),
-   and applies the sampled tokens (`Scheduler.update_from_output`).
-3. For each sequence that got a token, the engine records logprobs, extends
-   its text with the incremental detokenizer, checks stop tokens, lengths
-   and stop strings, and finishes it (its blocks go back at once).
-4. It returns one cumulative `RequestOutput` per user request that changed.
+   a seed if the user gave none, and hands a `Request` to the `Scheduler`
+   and its output state to the `OutputProcessor`.
+2. `step` asks the scheduler what runs (`schedule`), and dispatches it to
+   the device (`ModelRunner.dispatch`: forward, KV write and sampling in one
+   jitted call) without waiting for it.
+3. With async scheduling (the default) the engine then reads the *previous*
+   step's sampled tokens, which the device finished while the host scheduled
+   and packed this one; without it, this step's. `Scheduler.update_from_output`
+   appends them and the `OutputProcessor` detokenizes, decides stops (freeing
+   finished requests' blocks at once) and builds the outputs. A request that
+   stops on a token may thus have one more token computed, which is never
+   emitted.
+4. It returns one `RequestOutput` per user request that changed.
 
 `LLM` (offline) and `AsyncLLM` (serving) are thin loops around this class.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -30,11 +34,12 @@ from jpaged.cache import KVCacheManager
 from jpaged.config.engine import ALLOWED_BLOCK_SIZES, EngineConfig
 from jpaged.config.model import ModelConfig
 from jpaged.model_loader.loader import load_model
-from jpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jpaged.engine.output_processor import OutputProcessor, RequestState
+from jpaged.outputs import RequestMetrics, RequestOutput
 from jpaged.runner.model_runner import ModelRunner, RunnerConfig, kv_bytes_per_block
 from jpaged.sampling_params import SamplingParams
 from jpaged.sched import Request, RequestStatus, Scheduler, SchedulerConfig
-from jpaged.tokenizer import IncrementalDetokenizer, load_tokenizer
+from jpaged.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +57,6 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_compiles: int
-
-
-@dataclass(slots=True)
-class _Group:
-    """A user request: its prompt and the n samples generated for it."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    metrics: RequestMetrics
-    samples: list = field(default_factory=list)  # [Request], index = sample_index
-    detok: dict = field(default_factory=dict)  # sample index -> IncrementalDetokenizer
-    texts: dict = field(default_factory=dict)  # sample index -> final text
-    num_cached_tokens: int = 0
 
 
 def enable_compilation_cache() -> None:
@@ -130,7 +120,8 @@ class LLMEngine:
                 max_logprobs=config.max_logprobs, num_host_blocks=num_host)
 
         num_blocks = self._num_blocks(
-            per_block, lambda: ModelRunner(mc, graphdef, params, runner_config(2)))
+            per_block, lambda: ModelRunner(mc, graphdef, params, runner_config(2),
+                                           self.eos_token_ids))
         num_host = (int(config.swap_space * (1 << 30)) // per_block
                     if config.preemption_mode == "swap" else 0)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), %d host swap blocks",
@@ -141,16 +132,18 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
             max_model_len=max_model_len, scheduling_policy=config.scheduling_policy,
             preemption_mode=config.preemption_mode), self.kv)
-        self.runner = ModelRunner(mc, graphdef, params, runner_config(num_blocks, num_host))
+        self.runner = ModelRunner(mc, graphdef, params, runner_config(num_blocks, num_host),
+                                  self.eos_token_ids)
         start = time.perf_counter()
         if config.compile_all_buckets:
             self.runner.warmup()
         logger.info("warm-up: %d compiles in %.2fs", self.runner.num_compiles,
                     time.perf_counter() - start)
         self.max_model_len = max_model_len
-        self.groups: dict[str, _Group] = {}
+        self.output = OutputProcessor(self.tokenizer, self.scheduler, max_model_len)
+        self.async_scheduling = config.async_scheduling
+        self._inflight = None  # the dispatched step whose tokens are not read yet
         self._rng = np.random.default_rng(config.seed)
-        self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.peak_kv_usage = 0.0
@@ -209,7 +202,7 @@ class LLMEngine:
         """Queue a request. ``prompt`` is a string, a list of token ids, or a dict
         with ``prompt`` or ``prompt_token_ids``."""
         params = params or SamplingParams()
-        if request_id in self.groups:
+        if request_id in self.output.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
@@ -234,8 +227,8 @@ class LLMEngine:
                       cache_salt=cache_salt, max_tokens=max_tokens,
                       forked=params.n == 1)
         self.scheduler.add_request(req)  # raises on max_model_len / cache size
-        self.groups[request_id] = _Group(request_id, text, ids, params,
-                                         RequestMetrics(arrival_time=now), samples=[req])
+        self.output.add(RequestState(request_id, text, ids, params,
+                                     RequestMetrics(arrival_time=now), samples=[req]))
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -265,142 +258,76 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for gid in request_ids:
-            group = self.groups.pop(gid, None)
-            if group is not None:
-                self.scheduler.finish_requests([r.request_id for r in group.samples],
+            state = self.output.pop(gid)
+            if state is not None:
+                self.scheduler.finish_requests([r.request_id for r in state.samples],
                                                RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        return bool(self.output.requests)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.groups)
+        return len(self.output.requests)
 
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        if not out.scheduled:
-            if out.freed_req_ids:
-                self.runner.release_rows(out.freed_req_ids)
-            return []
-        self._record_utilization(out)
-        results = self.runner.execute(out)
-        # Prompt tokens computed this step (recomputed ones after preemption too).
-        self.prompt_tokens_total += sum(
-            max(0, min(r.num_computed_tokens + sr.num_new_tokens, r.num_prompt_tokens)
-                - r.num_computed_tokens)
-            for sr in out.scheduled for r in [sr.request])
-        samples = [[r.token for r in rows] for rows in results]
-        updated = self.scheduler.update_from_output(out, samples)
-        by_req = {}
-        for sr, rows in zip(out.scheduled, results):
-            for k, res in enumerate(rows):
-                by_req[(sr.request.group_id, sr.request.sample_index + k)] = res
-        now = time.time()
-        touched: dict[str, _Group] = {}
-        for req in updated:
-            group = self.groups.get(req.group_id)
-            if group is None:
-                continue
-            if req.sample_index >= len(group.samples):
-                group.samples.append(req)
-            group.samples[req.sample_index] = req
-            if group.metrics.first_token_time is None:
-                group.metrics.first_token_time = now
-                group.metrics.first_scheduled_time = req.first_scheduled_time
-                group.num_cached_tokens = max(req.num_cached_tokens, 0)
-            group.metrics.last_token_time = now
-            self.generation_tokens_total += 1
-            self._process_token(group, req, by_req[(req.group_id, req.sample_index)])
-            touched[group.request_id] = group
-        outputs = []
-        for group in touched.values():
-            finished = all(r.status.finished for r in group.samples) and (
-                len(group.samples) == group.params.n)
-            if finished:
-                group.metrics.finished_time = now
-                group.metrics.num_preemptions = sum(r.num_preemptions for r in group.samples)
-                del self.groups[group.request_id]
-            outputs.append(self._make_output(group, finished))
-        return outputs
+        handle = None
+        if out.scheduled:
+            self._record_utilization()
+            # Prompt tokens computed this step (recomputed ones after preemption too).
+            self.prompt_tokens_total += sum(
+                max(0, min(sr.start + sr.num_new_tokens, sr.request.num_prompt_tokens)
+                    - sr.start) for sr in out.scheduled)
+            handle = self.runner.dispatch(out)
+        elif out.freed_req_ids:
+            self.runner.release_rows(out.freed_req_ids)
+        if not self.async_scheduling:
+            return self._process(handle) if handle is not None else []
+        prev, self._inflight = self._inflight, handle
+        return self._process(prev) if prev is not None else []
 
-    def _record_utilization(self, out) -> None:
+    def _process(self, handle) -> list[RequestOutput]:
+        """Read a dispatched step's tokens and turn them into outputs."""
+        tokens, lp, rank, top_ids, top_lps, soff = handle.results()
+        toks = tokens.tolist()
+        samples, results = [], {}
+        for i, sr in enumerate(handle.out.scheduled):
+            if not sr.num_samples:
+                samples.append(())
+                continue
+            a, b = int(soff[i]), int(soff[i + 1])
+            samples.append(toks[a:b])
+            k = sr.request.sampling_params.logprobs
+            if k is not None:
+                for j in range(a, b):
+                    results[(sr.request.group_id, sr.request.sample_index + j - a)] = (
+                        float(lp[j]), int(rank[j]), top_ids[j, :k], top_lps[j, :k])
+        updated = self.scheduler.update_from_output(handle.out, samples)
+        self.generation_tokens_total += len(updated)
+        return self.output.process(updated, results)
+
+    def _record_utilization(self) -> None:
         """Peak KV usage and concurrency, and the share of allocated KV slots
-        holding a token state at the busiest step (the most blocks in use),
-        counted after this step's writes."""
-        self.peak_kv_usage = max(self.peak_kv_usage, self.kv.usage)
+        holding a token at the busiest step. The share needs a walk over the
+        running requests' blocks, so it is taken only when the blocks in use
+        pass the last measured peak by 1% of the pool: a few dozen walks in
+        a run, none in a steady state."""
+        kv = self.kv
+        self.peak_kv_usage = max(self.peak_kv_usage, kv.usage)
         self.peak_num_running = max(self.peak_num_running, len(self.scheduler.running))
-        blocks = self.kv.num_blocks - 1 - self.kv.num_free_blocks
-        if not blocks or blocks < self.peak_slot_utilization[1]:
+        blocks = kv.num_blocks - 1 - kv.num_free_blocks
+        if not blocks or blocks < self.peak_slot_utilization[1] + max(1, kv.num_blocks // 100):
             return
-        scheduled = {sr.request.request_id: sr.num_new_tokens for sr in out.scheduled}
-        # Each block counted once: a block shared by forks or prefix hits holds
-        # its tokens once.
+        # Each block counted once: a block shared by forks or prefix hits
+        # holds its tokens once. num_computed_tokens already counts this step.
         filled: dict[int, int] = {}
         for r in self.scheduler.running:
-            n = r.num_computed_tokens + scheduled.get(r.request_id, 0)
-            for j, b in enumerate(self.kv.req_to_blocks.get(r.request_id, ())):
+            n = r.num_computed_tokens
+            for j, b in enumerate(kv.req_to_blocks.get(r.request_id, ())):
                 filled[b.block_id] = max(filled.get(b.block_id, 0),
-                                         min(self.kv.block_size, n - j * self.kv.block_size))
-        self.peak_slot_utilization = (sum(filled.values()) / (blocks * self.kv.block_size),
-                                      blocks)
-
-    def _process_token(self, group: _Group, req: Request, res) -> None:
-        sp = req.sampling_params
-        tok = req.all_token_ids[-1]
-        if req.first_token_time is None:
-            req.first_token_time = time.time()
-        if sp.logprobs is not None:
-            req.cumulative_logprob += res.logprob
-            entry = {tok: Logprob(res.logprob, res.rank, self._decode_one(tok))}
-            for rank, (tid, lp) in enumerate(zip(res.top_ids, res.top_logprobs), start=1):
-                entry.setdefault(int(tid), Logprob(float(lp), rank, self._decode_one(int(tid))))
-            req.logprobs.append(entry)
-        stopped = self.scheduler.check_token_stop(req)
-        detok = group.detok.get(req.sample_index)
-        if detok is None:
-            detok = group.detok[req.sample_index] = IncrementalDetokenizer(
-                self.tokenizer, sp.skip_special_tokens)
-        prev_len = len(detok.text)
-        if not (stopped and req.status == RequestStatus.FINISHED_STOPPED
-                and not sp.include_stop_str_in_output):
-            detok.step(tok)
-        if stopped:
-            detok.finish()
-        text = detok.text
-        if sp.stop and not (stopped and req.stop_reason is None
-                            and req.status == RequestStatus.FINISHED_STOPPED):
-            hit = _find_stop(text, sp.stop, prev_len)
-            if hit is not None:
-                pos, stop = hit
-                text = text[:pos + len(stop)] if sp.include_stop_str_in_output else text[:pos]
-                req.status = RequestStatus.FINISHED_STOPPED
-                req.stop_reason = stop
-                stopped = True
-        group.texts[req.sample_index] = text
-        if stopped:
-            self.scheduler.finish_requests([req.request_id], req.status)
-
-    def _decode_one(self, tok: int) -> str:
-        return self.tokenizer.decode([tok])
-
-    def _make_output(self, group: _Group, finished: bool) -> RequestOutput:
-        outs = []
-        hold = max((len(s) for s in group.params.stop), default=1) - 1
-        for req in sorted(group.samples, key=lambda r: r.sample_index):
-            sp = req.sampling_params
-            text = group.texts.get(req.sample_index, "")
-            if hold and not req.status.finished:
-                text = text[:max(0, len(text) - hold)]  # may be the start of a stop string
-            outs.append(CompletionOutput(
-                index=req.sample_index, text=text, token_ids=list(req.output_token_ids),
-                cumulative_logprob=req.cumulative_logprob if sp.logprobs is not None else None,
-                logprobs=list(req.logprobs) if sp.logprobs is not None else None,
-                finish_reason=req.finish_reason, stop_reason=req.stop_reason))
-        return RequestOutput(
-            request_id=group.request_id, prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=finished,
-            num_cached_tokens=group.num_cached_tokens, metrics=group.metrics)
+                                         min(kv.block_size, n - j * kv.block_size))
+        self.peak_slot_utilization = (sum(filled.values()) / (blocks * kv.block_size), blocks)
 
     # --------------------------------------------------------------- stats
     def get_stats(self) -> EngineStats:
@@ -412,14 +339,4 @@ class LLMEngine:
             prompt_tokens=self.prompt_tokens_total,
             generation_tokens=self.generation_tokens_total,
             num_compiles=self.runner.num_compiles)
-
-
-def _find_stop(text: str, stops: list[str], prev_len: int):
-    """Earliest stop string that ends in the new part of ``text``."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, prev_len - len(s) + 1))
-        if i != -1 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
 

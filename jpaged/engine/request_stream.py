@@ -9,9 +9,11 @@ own output, never a copy per step. When the request is aborted under its
 reader (server shutdown, a deadline), the final output is built from that
 newest state, so it carries every token generated before the abort.
 
-Engine outputs may be cumulative (each carries everything so far) or deltas
-(only what is new since the previous one); `push` takes either, as
-``engine_deltas`` says.
+The engine is asked for deltas (``SamplingParams.output_kind="delta"``: each
+output carries only what is new since the request's previous one), so the
+engine thread's work per step does not grow with a request's length; the
+cumulative state is built here, for readers that ask for it. A
+``"final_only"`` reader gets the one finished output.
 """
 
 from __future__ import annotations
@@ -22,25 +24,6 @@ import dataclasses
 from jpaged.outputs import CompletionOutput, RequestOutput
 
 ABORTED = object()  # pushed when the request was aborted by someone else than its reader
-
-
-def delta_between(prev: RequestOutput | None, cur: RequestOutput) -> RequestOutput:
-    """The part of cumulative ``cur`` that is new since cumulative ``prev``."""
-    seen = {o.index: o for o in prev.outputs} if prev is not None else {}
-    outs = []
-    for o in cur.outputs:
-        p = seen.get(o.index)
-        nt = len(p.token_ids) if p else 0
-        ntext = len(p.text) if p else 0
-        if p is not None and nt == len(o.token_ids) and ntext == len(o.text) and \
-                o.finish_reason == p.finish_reason:
-            continue  # nothing new for this sample
-        outs.append(CompletionOutput(
-            index=o.index, text=o.text[ntext:], token_ids=o.token_ids[nt:],
-            cumulative_logprob=o.cumulative_logprob,
-            logprobs=o.logprobs[nt:] if o.logprobs is not None else None,
-            finish_reason=o.finish_reason, stop_reason=o.stop_reason))
-    return dataclasses.replace(cur, outputs=outs)
 
 
 def merge_into(acc: RequestOutput | None, d: RequestOutput) -> RequestOutput:
@@ -97,16 +80,14 @@ def aborted_final(request_id: str, out: RequestOutput | None,
 class RequestStream:
     """Async iterator over one request's outputs (see the module docstring)."""
 
-    def __init__(self, llm, request_id: str, output_kind: str, engine_deltas: bool):
+    def __init__(self, llm, request_id: str, output_kind: str):
         self.llm = llm
         self.request_id = request_id
         self.output_kind = output_kind
-        self.engine_deltas = engine_deltas
         self.loop = asyncio.get_running_loop()
         self.finished = False  # the final output (or an error) was read
         self.aborted = False  # closed by its reader before that
         self._wake = asyncio.Event()
-        self._engine_prev: RequestOutput | None = None  # cumulative engine: last output
         self._acc: RequestOutput | None = None  # unread delta, or the whole state
         self._unread = False
         self._end: object | None = None  # ABORTED or an exception, once pushed
@@ -114,25 +95,20 @@ class RequestStream:
 
     # ------------------------------------------------- event loop, engine side
     def push(self, item) -> None:
-        """Take an engine output, ABORTED or an exception (on ``self.loop``)."""
+        """Take an engine delta, ABORTED or an exception (on ``self.loop``)."""
         if isinstance(item, RequestOutput):
-            d = item if self.engine_deltas else delta_between(self._engine_prev, item)
-            if not self.engine_deltas:
-                self._engine_prev = item
-            self._acc = merge_into(self._acc, d)
+            self._acc = merge_into(self._acc, item)
             self._unread = True
-            for o in d.outputs:
+            for o in item.outputs:
                 (self._open.discard if o.finish_reason else self._open.add)(o.index)
         elif self._end is None:
             self._end = item
         self._wake.set()
 
-    def pending_tokens(self) -> int:
-        """Tokens held for the reader (what this stream costs in memory)."""
-        held = sum(len(o.token_ids) for o in self._acc.outputs) if self._acc else 0
-        prev = sum(len(o.token_ids) for o in self._engine_prev.outputs) \
-            if self._engine_prev is not None else 0
-        return held + prev
+    def _ready(self) -> bool:
+        if self._end is not None:
+            return True
+        return self._unread and (self.output_kind != "final_only" or self._acc.finished)
 
     # ------------------------------------------------------------ reader side
     def __aiter__(self) -> "RequestStream":
@@ -142,7 +118,7 @@ class RequestStream:
         if self.finished or self.aborted:
             raise StopAsyncIteration
         try:
-            while not self._unread and self._end is None:
+            while not self._ready():
                 self._wake.clear()
                 await self._wake.wait()
         except BaseException:

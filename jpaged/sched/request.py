@@ -41,6 +41,9 @@ class Request:
     max_tokens: int = 16  # resolved against max_model_len
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens sampled by steps already dispatched but not read back yet (async
+    # scheduling): the next step's input for this request is on the device.
+    num_output_placeholders: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first schedule; -1 = not yet
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None

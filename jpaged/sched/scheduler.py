@@ -11,23 +11,28 @@ One step:
 2. If nothing was preempted, waiting requests are admitted in policy order
    (FCFS, or ``(priority, arrival)``), reusing their longest cached prefix,
    while the budget, ``max_num_seqs`` and the blocks allow.
-3. The runner executes the `SchedulerOutput`; `update_from_output` advances
-   ``num_computed_tokens``, appends sampled tokens, forks ``n > 1`` prompts
-   into siblings, applies token-level stop conditions and frees the blocks
-   of finished requests at once.
+3. ``schedule`` advances each scheduled request's ``num_computed_tokens`` at
+   once and counts one output placeholder for every request that samples:
+   the next step may be scheduled before this step's tokens are known
+   (async scheduling). A request whose last token is in flight (it reaches
+   ``max_tokens``) or whose ``n > 1`` fork is pending waits for the token.
+4. `update_from_output` appends the sampled tokens (replacing the
+   placeholders) and forks ``n > 1`` prompts into siblings. Stop conditions
+   are the engine's output processor's; it calls `finish_requests`, which
+   frees the blocks at once.
 
-Stop strings need text, so the engine checks them and calls
-`finish_requests`. Tested with the real engine in tests/test_engine.py and
-alone in tests/test_scheduler.py.
+Tested with the real engine in tests/test_engine.py and alone in
+tests/test_scheduler.py.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from jpaged.cache import KVCacheManager
+from jpaged.sched.output import ScheduledRequest, SchedulerOutput
 from jpaged.sched.request import Request, RequestStatus
 
 POLICIES = ("fcfs", "priority")
@@ -54,26 +59,6 @@ class SchedulerConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
 
 
-@dataclass(slots=True)
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    block_ids: list[int]
-    num_samples: int  # sample rows: 0 mid-prefill, n on the last prefill chunk of an n>1 prompt
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    num_scheduled_tokens: int = 0
-    # Requests whose blocks went back since the last step (runner frees their rows).
-    freed_req_ids: list[str] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device)
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
-    num_preempted: int = 0
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
         self.config = config
@@ -82,6 +67,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._freed: list[str] = []
+        self._in_batch: set[str] = set()  # scheduled since they last joined the batch
         self.num_preemptions = 0
 
     # ------------------------------------------------------------ admission
@@ -110,9 +96,21 @@ class Scheduler:
         return sum(r.num_seqs for r in self.running)
 
     # ----------------------------------------------------------- scheduling
+    def _waits_for_token(self, req: Request) -> bool:
+        """Whether ``req`` must wait for its in-flight token before it can run:
+        its ``n > 1`` fork is pending, or that token is its last."""
+        if not req.num_output_placeholders:
+            return False
+        if not req.forked:
+            return True
+        return (req.num_output_tokens + req.num_output_placeholders >= req.max_tokens
+                or req.num_tokens + req.num_output_placeholders >= self.config.max_model_len)
+
     def _victim(self, exclude: set[str]) -> Request:
-        """Lowest-priority running request not already handed to this step."""
-        candidates = [r for r in self.running if r.request_id not in exclude]
+        """Lowest-priority running request not already handed to this step
+        (never one whose fork is pending: its siblings need its blocks)."""
+        candidates = [r for r in self.running if r.request_id not in exclude
+                      and (r.forked or not r.num_output_placeholders)]
         if self.config.scheduling_policy == "priority":
             return max(candidates, key=lambda r: (r.priority, r.arrival_time))
         return candidates[-1]
@@ -131,6 +129,7 @@ class Scheduler:
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
         self._freed.append(req.request_id)
+        self._in_batch.discard(req.request_id)
         self.waiting.appendleft(req)
 
     def _next_waiting(self) -> Request:
@@ -147,10 +146,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._waits_for_token(req):
+                i += 1
+                continue
+            num_new = min(req.num_tokens + req.num_output_placeholders
+                          - req.num_computed_tokens, budget)
             assert num_new > 0, f"{req.request_id} has nothing to compute"
             while True:
-                block_ids = self.kv.allocate_slots(
+                block_ids = self.kv.allocate_slots_delta(
                     req.request_id, req.all_token_ids, req.num_computed_tokens, num_new,
                     cache_salt=req.cache_salt)
                 if block_ids is not None:
@@ -178,16 +181,17 @@ class Scheduler:
             req = self._next_waiting()
             if num_seqs + req.num_seqs > self.config.max_num_seqs:
                 break
+            if req.num_output_placeholders:
+                break  # preempted with a token in flight: it returns once that is known
             if req.status == RequestStatus.SWAPPED:
                 if out.swap_out or not self.kv.can_swap_in(req.request_id):
                     break
                 out.swap_in += self.kv.swap_in(req.request_id)
-                block_ids = self.kv.allocate_slots(
+                block_ids = self.kv.allocate_slots_delta(
                     req.request_id, req.all_token_ids, req.num_computed_tokens,
                     min(req.num_tokens - req.num_computed_tokens, budget),
                     cache_salt=req.cache_salt)
                 if block_ids is None:  # swapped in but no room to grow: run next step
-                    block_ids = self.kv.get_block_ids(req.request_id)
                     self.waiting.remove(req)
                     req.status = RequestStatus.RUNNING
                     self.running.append(req)
@@ -198,7 +202,7 @@ class Scheduler:
                 hit_ids, num_cached = self.kv.get_computed_blocks(
                     req.request_id, req.all_token_ids, req.cache_salt)
                 num_new = min(req.num_tokens - num_cached, budget)
-                block_ids = self.kv.allocate_slots(
+                block_ids = self.kv.allocate_slots_delta(
                     req.request_id, req.all_token_ids, num_cached, num_new, hit_ids,
                     cache_salt=req.cache_salt)
                 if block_ids is None:
@@ -214,11 +218,25 @@ class Scheduler:
             budget -= num_new
 
     def _add_scheduled(self, out, req, num_new, block_ids, now) -> None:
+        """Hand ``req`` to this step: advance its computed tokens now (the next
+        step may be scheduled before this one's tokens are read) and count the
+        token it will sample."""
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
-        done = req.num_computed_tokens + num_new >= req.num_tokens
+        joined = req.request_id not in self._in_batch
+        if joined:  # the runner fills the whole row
+            self._in_batch.add(req.request_id)
+            block_offset, block_ids = 0, self.kv.get_block_ids(req.request_id)
+        else:
+            block_offset, block_ids = block_ids
+        start = req.num_computed_tokens
+        req.num_computed_tokens += num_new
+        done = req.num_computed_tokens >= req.num_tokens + req.num_output_placeholders
+        if done:
+            req.num_output_placeholders += 1
         out.scheduled.append(ScheduledRequest(
-            req, num_new, block_ids, num_samples=(req.num_seqs if done else 0)))
+            req, num_new, block_offset, block_ids, num_samples=(req.num_seqs if done else 0),
+            start=start, joined=joined))
         out.num_scheduled_tokens += num_new
 
     # --------------------------------------------------------------- update
@@ -226,17 +244,18 @@ class Scheduler:
         """Apply a step's sampled tokens. ``samples[i]`` holds the token of each
         sample row of ``out.scheduled[i]`` (empty mid-prefill).
 
-        Returns the requests that got a new token this step (new siblings of an
-        ``n > 1`` prompt included), in a stable order.
+        Returns the requests that got a new token (new siblings of an ``n > 1``
+        prompt included), in a stable order. A request that finished or was
+        aborted since the step was scheduled gets nothing; one preempted since
+        still gets its token (it is part of the sequence it will recompute).
         """
         updated: list[Request] = []
         for sr, toks in zip(out.scheduled, samples):
             req = sr.request
-            if req.status != RequestStatus.RUNNING:
-                continue  # finished or aborted while the step ran
-            req.num_computed_tokens += sr.num_new_tokens
-            if not toks:
+            if not toks or req.status.finished:
                 continue
+            req.num_output_placeholders -= 1
+            assert req.num_output_placeholders >= 0, req.request_id
             family = [req]
             if len(toks) > 1:
                 family += self._fork(req, len(toks) - 1)
@@ -262,20 +281,6 @@ class Scheduler:
             children.append(child)
         return children
 
-    def check_token_stop(self, req: Request) -> bool:
-        """EOS / stop_token_ids / max_tokens / max_model_len after a new token."""
-        sp = req.sampling_params
-        tok = req.all_token_ids[-1]
-        n_out = req.num_output_tokens
-        if n_out >= sp.min_tokens and tok in sp.all_stop_token_ids:
-            req.status = RequestStatus.FINISHED_STOPPED
-            req.stop_reason = tok if tok in sp.stop_token_ids else None
-            return True
-        if n_out >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
-            req.status = RequestStatus.FINISHED_LENGTH
-            return True
-        return False
-
     def finish_requests(self, request_ids, status: RequestStatus) -> None:
         """Finish (stop, length, abort) requests wherever they are; frees their blocks."""
         for rid in request_ids:
@@ -290,3 +295,4 @@ class Scheduler:
                 req.status = status
             self.kv.free(rid)
             self._freed.append(rid)
+            self._in_batch.discard(rid)
