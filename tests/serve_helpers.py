@@ -114,13 +114,14 @@ class FakeEngine:
     With ``eos_after=k`` a request stops after k tokens on an EOS token whose
     text is empty (finish reason "stop"). With ``logprobs`` asked, each token
     carries that many alternatives. A prompt ``"bad"`` is refused with
-    ValueError; ``fail_after`` steps make `step` raise. Every `add_request`
+    ValueError; ``fail_after`` steps make `step` raise. With ``stagger=s``,
+    sample k stops ``k * s`` tokens early. Every `add_request`
     is recorded in ``added`` as (request_id, priority, cache_salt). Outputs
     are cumulative, or deltas with ``output_kind="delta"``, as the engine's."""
 
     def __init__(self, max_running: int = 4, step_delay: float = 0.0,
                  fail_after: int | None = None, tokenizer=None, pad: int = 0,
-                 eos_after: int | None = None, max_model_len: int = 512):
+                 eos_after: int | None = None, max_model_len: int = 512, stagger: int = 0):
         self.scheduler = _FakeScheduler()
         self.kv = _FakeKV()
         self.model_config = _FakeModelConfig()
@@ -128,7 +129,7 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.tokenizer = tokenizer
         self.max_running, self.step_delay, self.fail_after = max_running, step_delay, fail_after
-        self.pad, self.eos_after = pad, eos_after
+        self.pad, self.eos_after, self.stagger = pad, eos_after, stagger
         self.groups: dict = {}
         self.steps = 0
         self.aborted: list[str] = []
@@ -144,7 +145,7 @@ class FakeEngine:
                                    "samples": params.n if params is not None else 1,
                                    "logprobs": params.logprobs if params is not None else None,
                                    "delta": params is not None and params.output_kind == "delta",
-                                   "sent": (0, 0),
+                                   "sent": {}, "lps": {},
                                    "metrics": RequestMetrics(arrival_time=time.time())}
         self.added.append((request_id, priority, cache_salt))
         self.scheduler.waiting.append(request_id)
@@ -194,31 +195,34 @@ class FakeEngine:
             m.first_token_time = m.first_token_time or now
             m.first_scheduled_time = m.first_scheduled_time or now
             m.last_token_time = now
-            toks = list(range(1, g["n"] + (0 if eos else 1))) + ([EOS] if eos else [])
-            text = " ".join(self._token_text(t) for t in toks if t != EOS)
-            reason = ("stop" if eos else "length") if done else None
-            lps = None
-            if g["logprobs"] is not None:
-                g.setdefault("lps", []).extend(self._logprobs(toks[len(g.get("lps", [])):],
-                                                              g["logprobs"]))
-                lps = list(g["lps"])
-            if g["delta"]:  # only what is new since the previous output
-                n_tok, n_text = g["sent"]
-                g["sent"] = (len(toks), len(text))
-                toks, text = toks[n_tok:], text[n_text:]
-                lps = lps[n_tok:] if lps is not None else None
-            out = RequestOutput(
-                request_id=rid, prompt=None, prompt_token_ids=g["ids"],
-                outputs=[CompletionOutput(k, text, list(toks), None, lps, reason,
-                                          EOS if eos else None)
-                         for k in range(g["samples"])],
-                finished=done, metrics=m)
+            outputs = [self._sample_output(g, k, eos) for k in range(g["samples"])]
+            done = done or all(o.finish_reason for o in outputs)
+            out = RequestOutput(request_id=rid, prompt=None, prompt_token_ids=g["ids"],
+                                outputs=outputs, finished=done, metrics=m)
             if done:
                 m.finished_time = now
                 s.running.remove(rid)
                 del self.groups[rid]
             outs.append(out)
         return outs
+
+    def _sample_output(self, g: dict, k: int, eos: bool) -> CompletionOutput:
+        """Sample ``k`` ends ``k * stagger`` tokens before ``max_tokens``."""
+        limit = max(1, g["max"] - k * self.stagger)
+        n = min(g["n"], limit)
+        toks = list(range(1, n + (0 if eos else 1)))[:limit] + ([EOS] if eos else [])
+        text = " ".join(self._token_text(t) for t in toks if t != EOS)
+        reason = "stop" if eos else ("length" if g["n"] >= limit else None)
+        n_tok, n_text = g["sent"].get(k, (0, 0)) if g["delta"] else (0, 0)
+        g["sent"][k] = (len(toks), len(text))
+        lps = self._logprobs(toks[n_tok:], g["logprobs"]) if g["logprobs"] is not None \
+            else None
+        if g["logprobs"] is not None and not g["delta"]:
+            lps = g["lps"].setdefault(k, [])
+            lps.extend(self._logprobs(toks[len(lps):], g["logprobs"]))
+            lps = list(lps)
+        return CompletionOutput(k, text[n_text:], toks[n_tok:], None, lps, reason,
+                                EOS if eos else None)
 
     def get_stats(self):
         from jpaged.engine.llm_engine import EngineStats

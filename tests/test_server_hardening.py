@@ -337,3 +337,18 @@ def test_large_logprobs_response_leaves_health_answering(make_server):
     # Over the work cap: refused up front, naming the limit.
     r = httpx.post(srv.url + CH, json={**body, "max_tokens": 30_000})
     assert r.status_code == 400 and "max_request_work" in r.json()["error"]["message"]
+
+
+def test_samples_finishing_at_different_steps_finish_once_each(make_server):
+    srv = make_server(engine_kw={"stagger": 2})  # sample k stops 2k tokens early
+    for path, body in ((C, {"prompt": "x"}), (CH, {"messages": MSG})):
+        events = _stream_events(srv.url, path, {**body, "n": 3, "max_tokens": 6,
+                                                "stream_options": {"include_usage": True}})
+        finishes = [(c["index"], c["finish_reason"]) for e in events for c in e["choices"]
+                    if c["finish_reason"]]
+        assert sorted(finishes) == [(0, "length"), (1, "length"), (2, "length")], finishes
+        assert events[-1]["usage"]["completion_tokens"] == 6 + 4 + 2
+        for k, n in ((0, 6), (1, 4), (2, 2)):
+            text = "".join(c.get("text") or (c.get("delta") or {}).get("content") or ""
+                           for e in events for c in e["choices"] if c["index"] == k)
+            assert text == " ".join(f"t{t}" for t in range(1, n + 1)), (k, text)

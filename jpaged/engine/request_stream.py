@@ -1,19 +1,17 @@
 """`RequestStream`: one request's outputs as an async iterator, with the
 outputs the reader has not taken yet merged as they arrive.
 
-The engine thread hands each output to the stream's event loop (`push`).
-The stream never queues outputs: it keeps the part its reader has not read
-as one merged delta (``output_kind="delta"``) or as the newest cumulative
-state (``"cumulative"``), so a reader that stops reading holds at most its
-own output, never a copy per step. When the request is aborted under its
-reader (server shutdown, a deadline), the final output is built from that
-newest state, so it carries every token generated before the abort.
-
 The engine is asked for deltas (``SamplingParams.output_kind="delta"``: each
 output carries only what is new since the request's previous one), so the
-engine thread's work per step does not grow with a request's length; the
-cumulative state is built here, for readers that ask for it. A
-``"final_only"`` reader gets the one finished output.
+engine thread's work per step does not grow with a request's length. The
+engine thread hands each delta to the stream's event loop (`push`), and the
+stream never queues them: it appends them to one `_Pending` (text kept as a
+list of pieces, joined when read), holding what its reader has not read
+(``output_kind="delta"``) or everything so far (``"cumulative"``,
+``"final_only"``). A reader that stops reading so holds at most its own
+output, never a copy per step. When the request is aborted under its reader
+(server shutdown, a deadline), the final output is built from that state, so
+it carries every token generated before the abort.
 """
 
 from __future__ import annotations
@@ -26,55 +24,68 @@ from jpaged.outputs import CompletionOutput, RequestOutput
 ABORTED = object()  # pushed when the request was aborted by someone else than its reader
 
 
-def merge_into(acc: RequestOutput | None, d: RequestOutput) -> RequestOutput:
-    """Append delta ``d`` to ``acc`` (owned by the caller, changed in place);
-    returns the result. ``d`` is copied, never kept."""
-    if acc is None:
-        acc = dataclasses.replace(d, outputs=[])
-    else:
-        acc.finished, acc.metrics = d.finished, d.metrics
-        acc.num_cached_tokens = d.num_cached_tokens
-    by_index = {o.index: o for o in acc.outputs}
-    for o in d.outputs:
-        a = by_index.get(o.index)
-        if a is None:
-            a = CompletionOutput(o.index, "", [], None,
-                                 [] if o.logprobs is not None else None)
-            by_index[o.index] = a
-            acc.outputs.append(a)
-        a.text += o.text
-        a.token_ids.extend(o.token_ids)
-        if o.logprobs is not None:
-            if a.logprobs is None:
-                a.logprobs = []
-            a.logprobs.extend(o.logprobs)
-        a.cumulative_logprob = o.cumulative_logprob
-        a.finish_reason, a.stop_reason = o.finish_reason, o.stop_reason
-    acc.outputs.sort(key=lambda o: o.index)
-    return acc
+@dataclasses.dataclass(slots=True)
+class _Sample:
+    parts: list = dataclasses.field(default_factory=list)  # text pieces
+    token_ids: list = dataclasses.field(default_factory=list)
+    logprobs: list | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
-def snapshot(out: RequestOutput) -> RequestOutput:
-    """A copy whose lists the stream will not change later."""
-    return dataclasses.replace(out, outputs=[dataclasses.replace(
-        o, token_ids=list(o.token_ids),
-        logprobs=list(o.logprobs) if o.logprobs is not None else None) for o in out.outputs])
+class _Pending:
+    """Deltas appended together; `output` builds a `RequestOutput` from them."""
 
+    def __init__(self):
+        self.samples: dict[int, _Sample] = {}
+        self.last: RequestOutput | None = None  # the newest delta, for its metadata
+        self.finish_sent: set[int] = set()  # samples whose finish reason was read
 
-def aborted_final(request_id: str, out: RequestOutput | None,
-                  open_samples: set[int]) -> RequestOutput:
-    """``out`` marked finished: its samples, and any other sample still open,
-    get finish reason "abort"."""
-    if out is None:
-        out = RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[],
-                            outputs=[], finished=True)
-    outs = [dataclasses.replace(o, finish_reason=o.finish_reason or "abort")
-            for o in out.outputs]
-    have = {o.index for o in outs}
-    outs += [CompletionOutput(i, "", [], None, None, "abort")
-             for i in sorted(open_samples - have)]
-    outs.sort(key=lambda o: o.index)
-    return dataclasses.replace(out, outputs=outs, finished=True)
+    def add(self, d: RequestOutput) -> None:
+        self.last = d
+        for o in d.outputs:
+            s = self.samples.get(o.index)
+            if s is None:
+                s = self.samples[o.index] = _Sample()
+            if o.text:
+                s.parts.append(o.text)
+            s.token_ids.extend(o.token_ids)
+            if o.logprobs is not None:
+                if s.logprobs is None:
+                    s.logprobs = []
+                s.logprobs.extend(o.logprobs)
+            s.cumulative_logprob = o.cumulative_logprob
+            s.finish_reason, s.stop_reason = o.finish_reason, o.stop_reason
+
+    def output(self, request_id: str, copy: bool, abort: bool = False,
+               fresh_only: bool = False) -> RequestOutput:
+        """The state as an output; ``copy`` when the lists stay in use here;
+        ``abort`` marks it finished with unfinished samples as "abort";
+        ``fresh_only`` leaves out samples with nothing new to say (the engine
+        repeats a finished sample, empty, in every later delta)."""
+        outs = []
+        for index in sorted(self.samples):
+            s = self.samples[index]
+            done = s.finish_reason is not None or abort
+            if fresh_only and not (s.parts or s.token_ids) and \
+                    (index in self.finish_sent or not done):
+                continue
+            if done:
+                self.finish_sent.add(index)
+            text = "".join(s.parts)
+            s.parts = [text] if text else []  # the next join starts from one piece
+            outs.append(CompletionOutput(
+                index=index, text=text,
+                token_ids=list(s.token_ids) if copy else s.token_ids,
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=(list(s.logprobs) if copy else s.logprobs)
+                if s.logprobs is not None else None,
+                finish_reason=s.finish_reason or ("abort" if abort else None),
+                stop_reason=s.stop_reason))
+        last = self.last or RequestOutput(request_id=request_id, prompt=None,
+                                          prompt_token_ids=[], outputs=[], finished=True)
+        return dataclasses.replace(last, outputs=outs, finished=last.finished or abort)
 
 
 class RequestStream:
@@ -88,27 +99,27 @@ class RequestStream:
         self.finished = False  # the final output (or an error) was read
         self.aborted = False  # closed by its reader before that
         self._wake = asyncio.Event()
-        self._acc: RequestOutput | None = None  # unread delta, or the whole state
+        self._pending = _Pending()
         self._unread = False
         self._end: object | None = None  # ABORTED or an exception, once pushed
-        self._open: set[int] = set()  # samples seen and not finished
 
     # ------------------------------------------------- event loop, engine side
     def push(self, item) -> None:
         """Take an engine delta, ABORTED or an exception (on ``self.loop``)."""
         if isinstance(item, RequestOutput):
-            self._acc = merge_into(self._acc, item)
+            self._pending.add(item)
             self._unread = True
-            for o in item.outputs:
-                (self._open.discard if o.finish_reason else self._open.add)(o.index)
         elif self._end is None:
             self._end = item
         self._wake.set()
 
+    def _done(self) -> bool:
+        return self._pending.last is not None and self._pending.last.finished
+
     def _ready(self) -> bool:
         if self._end is not None:
             return True
-        return self._unread and (self.output_kind != "final_only" or self._acc.finished)
+        return self._unread and (self.output_kind != "final_only" or self._done())
 
     # ------------------------------------------------------------ reader side
     def __aiter__(self) -> "RequestStream":
@@ -124,26 +135,27 @@ class RequestStream:
         except BaseException:
             self.close()
             raise
-        if isinstance(self._end, BaseException) and not \
-                (self._unread and self._acc is not None and self._acc.finished):
+        if isinstance(self._end, BaseException) and not self._done():
             self.finished = True
             raise self._end
-        out = self._acc
-        if self._end is ABORTED and not (out is not None and out.finished):
-            out = aborted_final(self.request_id, out, self._open)
+        abort = self._end is ABORTED and not self._done()
+        delta = self.output_kind == "delta"
+        out = self._pending.output(self.request_id, copy=not delta, abort=abort,
+                                   fresh_only=delta)
+        if delta:
+            # The reader owns those lists now; keep only which samples exist.
+            self._pending.samples = {i: _Sample(finish_reason=s.finish_reason)
+                                     for i, s in self._pending.samples.items()}
+        self._unread = False
         if out.finished:
             self.finished = True
-        self._unread = False
-        if self.output_kind == "delta":
-            self._acc = None  # the reader owns it now
-            return out
-        return snapshot(out)
+        return out
 
     def close(self) -> None:
         """Abort the request if it has not finished (idempotent)."""
         if not self.finished and not self.aborted:
-            self.aborted = True
             self.llm.abort(self.request_id)
+            self.aborted = True
 
     async def aclose(self) -> None:
         self.close()

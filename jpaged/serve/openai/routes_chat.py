@@ -39,7 +39,7 @@ async def chat_completions(request: Request):
     st.check_fanout(1, req.n, max_tokens, logprobs, [len(ids)])
     params = P.make_sampling_params(req, st.vocab_size, max_tokens, logprobs)
     gen = Generation(st, request, f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.priority,
-                     "delta" if req.stream else "cumulative")
+                     "delta" if req.stream else "final_only")
     await gen.submit_or_raise()
     if req.stream:
         return SSEResponse(

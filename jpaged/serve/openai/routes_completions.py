@@ -54,7 +54,7 @@ async def completions(request: Request):
             texts.append(None)
     params = P.make_sampling_params(req, st.vocab_size, req.max_tokens, req.logprobs)
     gen = Generation(st, request, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.priority,
-                     "delta" if req.stream else "cumulative")
+                     "delta" if req.stream else "final_only")
     await gen.submit_or_raise()
     if req.echo:
         for i, t in enumerate(texts):
