@@ -207,22 +207,22 @@ class FakeEngine:
         return outs
 
     def _sample_output(self, g: dict, k: int, eos: bool) -> CompletionOutput:
-        """Sample ``k`` ends ``k * stagger`` tokens before ``max_tokens``."""
+        """Sample ``k`` ends ``k * stagger`` tokens before ``max_tokens``. A
+        delta costs only its new tokens (a long stream stays cheap)."""
         limit = max(1, g["max"] - k * self.stagger)
         n = min(g["n"], limit)
-        toks = list(range(1, n + (0 if eos else 1)))[:limit] + ([EOS] if eos else [])
+        n_sent = g["sent"].get(k, 0) if g["delta"] else 0
+        toks = list(range(n_sent + 1, n + (0 if eos else 1))) + ([EOS] if eos else [])
+        g["sent"][k] = n_sent + len(toks)
         text = " ".join(self._token_text(t) for t in toks if t != EOS)
+        if n_sent and text:
+            text = " " + text
         reason = "stop" if eos else ("length" if g["n"] >= limit else None)
-        n_tok, n_text = g["sent"].get(k, (0, 0)) if g["delta"] else (0, 0)
-        g["sent"][k] = (len(toks), len(text))
-        lps = self._logprobs(toks[n_tok:], g["logprobs"]) if g["logprobs"] is not None \
-            else None
-        if g["logprobs"] is not None and not g["delta"]:
-            lps = g["lps"].setdefault(k, [])
-            lps.extend(self._logprobs(toks[len(lps):], g["logprobs"]))
-            lps = list(lps)
-        return CompletionOutput(k, text[n_text:], toks[n_tok:], None, lps, reason,
-                                EOS if eos else None)
+        lps = self._logprobs(toks, g["logprobs"]) if g["logprobs"] is not None else None
+        if lps is not None and not g["delta"]:
+            g["lps"].setdefault(k, []).extend(lps)
+            lps = list(g["lps"][k])
+        return CompletionOutput(k, text, toks, None, lps, reason, EOS if eos else None)
 
     def get_stats(self):
         from jpaged.engine.llm_engine import EngineStats

@@ -317,23 +317,33 @@ def test_large_logprobs_response_leaves_health_answering(make_server):
             windows.append((t, time.monotonic()))
 
     state.build = timed_build
-    # CLOCK_MONOTONIC is one clock for every process, so the poller's times
-    # and the build window compare.
-    poller = subprocess.Popen([sys.executable, "-c", _POLLER, str(srv.port), "3600"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        r = httpx.post(srv.url + CH, json=body, timeout=120)
-    finally:
-        poller.kill()
-    out, _ = poller.communicate(timeout=30)
-    assert r.status_code == 200
-    content = r.json()["choices"][7]["logprobs"]["content"]
-    assert len(content) == 1000 and len(content[0]["top_logprobs"]) == 20
-    (b0, b1), = windows
-    polls = [(float(a), float(b)) for a, b in (ln.split() for ln in out.splitlines())]
-    during = [lat for t, lat in polls if t < b1 and t + lat > b0]
-    assert len(during) >= 2, (b1 - b0, polls[-5:])
-    assert max(during) < 0.1, (max(during), b1 - b0)
+
+    def attempt() -> tuple[float, int]:
+        """(worst /health latency while the response was built, polls then)"""
+        # CLOCK_MONOTONIC is one clock for every process, so the poller's
+        # times and the build window compare.
+        poller = subprocess.Popen([sys.executable, "-c", _POLLER, str(srv.port), "3600"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            r = httpx.post(srv.url + CH, json=body, timeout=120)
+        finally:
+            poller.kill()
+        out, _ = poller.communicate(timeout=30)
+        assert r.status_code == 200
+        content = r.json()["choices"][7]["logprobs"]["content"]
+        assert len(content) == 1000 and len(content[0]["top_logprobs"]) == 20
+        b0, b1 = windows[-1]
+        polls = [(float(a), float(b)) for a, b in (ln.split() for ln in out.splitlines())]
+        during = [lat for t, lat in polls if t < b1 and t + lat > b0]
+        return max(during, default=float("inf")), len(during)
+
+    # A second try only for a machine too busy to schedule the poller in
+    # time; a response built on the event loop stalls /health both times.
+    results = [attempt()]
+    if results[0][0] >= 0.1:
+        results.append(attempt())
+    worst, polls = results[-1]
+    assert polls >= 2 and worst < 0.1, results
     # Over the work cap: refused up front, naming the limit.
     r = httpx.post(srv.url + CH, json={**body, "max_tokens": 30_000})
     assert r.status_code == 400 and "max_request_work" in r.json()["error"]["message"]
@@ -352,3 +362,49 @@ def test_samples_finishing_at_different_steps_finish_once_each(make_server):
             text = "".join(c.get("text") or (c.get("delta") or {}).get("content") or ""
                            for e in events for c in e["choices"] if c["index"] == k)
             assert text == " ".join(f"t{t}" for t in range(1, n + 1)), (k, text)
+
+
+# ------------------------------------------ item 2: a client that never reads
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_never_reading_client_is_bounded_then_cut_off(make_server):
+    """A client holds a stream for 10 s without reading while others are
+    served: the server's memory stays bounded by that stream's own output,
+    and once its socket has been full for send_timeout the stream is aborted
+    (its blocks freed)."""
+    srv = make_server(send_timeout=4.0, engine_kw={"pad": 5000, "step_delay": 0.002})
+    engine = srv.llm.engine
+    assert httpx.post(srv.url + C, json={"prompt": "y", "max_tokens": 3}).status_code == 200
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    silent.connect(("127.0.0.1", srv.port))
+    body = json.dumps({"prompt": "x", "max_tokens": 1_000_000, "stream": True}).encode()
+    silent.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Type: "
+                   b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    rss0 = peak = _rss()
+    start = time.monotonic()
+    served = 0
+    while time.monotonic() - start < 10:
+        t = time.monotonic()
+        r = httpx.post(srv.url + C, json={"prompt": "y", "max_tokens": 3}, timeout=10)
+        assert r.status_code == 200 and time.monotonic() - t < 1.0
+        served += 1
+        peak = max(peak, _rss())
+        time.sleep(0.05)
+    deadline = time.monotonic() + 20
+    while not any(rid.startswith("cmpl-") and rid in engine.generated_at_abort
+                  for rid in engine.aborted):
+        assert time.monotonic() < deadline, "the silent stream was never aborted"
+        peak = max(peak, _rss())
+        time.sleep(0.1)
+    (rid,) = [r for r in engine.aborted]
+    generated = engine.generated_at_abort[rid]
+    silent.close()
+    # Its output: ~5 kB a token; kept once, not once per step.
+    own = generated * 5100
+    assert generated > 1000 and served > 20
+    assert peak - rss0 < own + 64 << 20, (peak - rss0, own)
+    assert srv.llm.call(lambda e: not e.has_unfinished_requests())
