@@ -9,6 +9,9 @@ import socket
 import threading
 import time
 
+# Imported here, not on the first step: importing it (and JAX) inside the
+# engine thread would hold the GIL for seconds in the middle of a test.
+from jpaged.engine.llm_engine import EngineStats
 from jpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 API_KEY = "sk-test-key"
@@ -225,7 +228,5 @@ class FakeEngine:
         return CompletionOutput(k, text, toks, None, lps, reason, EOS if eos else None)
 
     def get_stats(self):
-        from jpaged.engine.llm_engine import EngineStats
-
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), 0.0,
                            0, 0, 0, 0, 0, 0)

@@ -153,8 +153,10 @@ def test_chat_usage_with_n_counts_every_choice(make_server, tok):
     assert r.json()["usage"]["completion_tokens"] == 12
 
 
-def test_stream_ending_on_eos_keeps_its_final_chunk(make_server, tok):
-    srv = make_server(tok, engine_kw={"eos_after": 3})  # the 4th token is EOS, text ""
+def test_stream_ending_on_eos_keeps_its_final_chunk(make_server):
+    # The 4th token is EOS, text "". Steps are slow enough for each to be
+    # its own chunk, so the last chunk has no text, only the finish reason.
+    srv = make_server(engine_kw={"eos_after": 3, "step_delay": 0.1})
     for path, body in ((C, {"prompt": "x", "max_tokens": 50}),
                        (CH, {"messages": MSG, "max_tokens": 50})):
         events = _stream_events(srv.url, path, body)
@@ -162,6 +164,7 @@ def test_stream_ending_on_eos_keeps_its_final_chunk(make_server, tok):
         assert len(finals) == 1 and finals[0]["finish_reason"] == "stop", events[-2:]
         assert finals[0]["stop_reason"] == 1023
         assert events[-1]["choices"] == [finals[0]]  # the last chunk carries it
+        assert finals[0].get("text", (finals[0].get("delta") or {}).get("content")) == ""
         text = "".join(c.get("text") or (c.get("delta") or {}).get("content") or ""
                        for e in events for c in e["choices"])
         assert text == "t1 t2 t3"
@@ -350,7 +353,8 @@ def test_large_logprobs_response_leaves_health_answering(make_server):
 
 
 def test_samples_finishing_at_different_steps_finish_once_each(make_server):
-    srv = make_server(engine_kw={"stagger": 2})  # sample k stops 2k tokens early
+    # Sample k stops 2k tokens early; slow steps: one chunk per step.
+    srv = make_server(engine_kw={"stagger": 2, "step_delay": 0.03})
     for path, body in ((C, {"prompt": "x"}), (CH, {"messages": MSG})):
         events = _stream_events(srv.url, path, {**body, "n": 3, "max_tokens": 6,
                                                 "stream_options": {"include_usage": True}})
