@@ -66,6 +66,15 @@ class ThreadServer:
             time.sleep(0.05)
 
 
+def metric(server: ThreadServer, prefix: str) -> float:
+    """The sum of the /metrics samples whose line starts with ``prefix``."""
+    import httpx
+
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix))
+
+
 _SHARED: dict = {}
 
 

@@ -11,10 +11,11 @@ The life of a request:
    hands each step's outputs to the event loop in one
    ``loop.call_soon_threadsafe`` call, which merges each into its
    `RequestStream` (see `jpaged.engine.request_stream`).
-3. `RequestStream` (an async iterator) yields `RequestOutput`s: cumulative
-   ones, or deltas (only the new text, token ids and logprobs of each sample)
-   with ``output_kind="delta"``. Outputs that arrive while the consumer is
-   busy are merged into one as they arrive.
+3. The engine is asked for deltas; `RequestStream` (an async iterator)
+   yields what its reader asked for: cumulative outputs, deltas (only the
+   new text, token ids and logprobs of each sample) with
+   ``output_kind="delta"``, or the final output alone with ``"final_only"``.
+   Outputs that arrive while the reader is busy are merged as they arrive.
 4. Closing or cancelling the iterator before the request finished (a client
    disconnect) aborts it; the engine frees its blocks at once, and the stat
    loggers' ``on_abort`` drops what they held for it.
@@ -60,9 +61,10 @@ class AsyncLLM:
             are waiting; ``None`` for no limit.
         stat_loggers: objects with optional ``on_step(stats)`` (after each
             step, with `EngineStats`), ``on_output(out)`` (every
-            `RequestOutput`, a delta: only the step's new tokens) and ``on_abort(request_id)`` (an unfinished
-            request was aborted) methods, called in the loop thread; an
-            exception in one is logged and never stops the engine.
+            `RequestOutput`, a delta: only the step's new tokens) and
+            ``on_abort(request_id)`` (an unfinished request was aborted)
+            methods, called in the loop thread; an exception in one is
+            logged and never stops the engine.
     """
 
     def __init__(self, engine, max_queue_len: int | None = None, stat_loggers=()):

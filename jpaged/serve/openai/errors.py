@@ -10,8 +10,8 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowed", 408: "RequestTimeoutError", 413: "BadRequestError", 500: "InternalServerError",
-                503: "ServiceUnavailableError"}
+                405: "MethodNotAllowed", 408: "RequestTimeoutError", 413: "BadRequestError",
+                500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 class APIError(Exception):
