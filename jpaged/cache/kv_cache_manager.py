@@ -187,16 +187,25 @@ class KVCacheManager:
 
         Returns:
           ``(offset, block_ids)``: the request's block list changed from index
-          ``offset`` on, and these are its entries from there (the blocks this
-          step writes into, the new ones and any copied on write; not the whole
-          list, so a decode step costs the same at any length). None (nothing
+          ``offset`` on, and these are its entries from there (blocks copied on
+          write and new ones; usually none for a decode step, never the whole
+          list, so a step costs the same at any length). None (nothing
           changed) if the free blocks, counting revived prefix hits and
           copy-on-write, fall short.
         """
         bs = self.block_size
+        blocks = self.req_to_blocks.get(request_id, [])
+        if num_new_tokens == 1 and blocks and not new_computed_block_ids:
+            # Decode fast path: the token lands in a block the request owns
+            # alone, and no block becomes full and hashable.
+            j = num_computed_tokens // bs
+            if (j < len(blocks) and blocks[j].ref_cnt == 1 and (
+                    not self.enable_caching
+                    or min(num_computed_tokens + 1, len(token_ids)) // bs
+                    <= self._num_cached_blocks.get(request_id, 0))):
+                return len(blocks), []
         assert num_computed_tokens >= 0 and num_new_tokens >= 0
         assert request_id not in self.req_to_host_blocks, f"{request_id} is swapped out"
-        blocks = self.req_to_blocks.get(request_id, [])
         computed = [self.pool.blocks[i] for i in new_computed_block_ids]
         assert not (computed and blocks), "prefix-hit blocks only on the first allocation"
         assert len(computed) * bs <= num_computed_tokens
@@ -221,7 +230,8 @@ class KVCacheManager:
         # Touch the hits first so that get_new_blocks cannot evict them.
         self.pool.touch(computed)
         blocks = self.req_to_blocks.setdefault(request_id, blocks)
-        offset = min(len(blocks), num_computed_tokens // bs) if blocks else 0
+        # Entries that change: appended blocks and blocks copied on write.
+        offset = min([len(blocks)] + cow) if blocks else 0
         if computed:
             blocks.extend(computed)
             self._num_cached_blocks[request_id] = len(computed)

@@ -118,9 +118,6 @@ class InputBatch:
             req = sr.request
             if sr.joined:
                 row = self._join(sr, eos_ids)
-                upd_r.append(np.full(len(sr.block_ids), row))
-                upd_c.append(np.arange(len(sr.block_ids)))
-                upd_v.append(sr.block_ids)
                 if self.penalized[row]:
                     penalty_rows.append(row)
             else:
@@ -128,9 +125,11 @@ class InputBatch:
                 if sr.block_ids:
                     k = len(sr.block_ids)
                     self.block_table[row, sr.block_offset:sr.block_offset + k] = sr.block_ids
-                    upd_r.append(np.full(k, row))
-                    upd_c.append(np.arange(sr.block_offset, sr.block_offset + k))
-                    upd_v.append(sr.block_ids)
+            if sr.block_ids:
+                k = len(sr.block_ids)
+                upd_r += [row] * k
+                upd_c += range(sr.block_offset, sr.block_offset + k)
+                upd_v += sr.block_ids
             rows[i], starts[i], num_new[i] = row, sr.start, sr.num_new_tokens
             num_rows[i] = max(sr.num_samples, 1)
             # Tokens generated before this step's sample (the in-flight ones included).
@@ -173,15 +172,12 @@ class InputBatch:
         v["query_start_loc"][n + 1:] = total  # padding sequences: empty query ranges
         # Block-table updates and copy-on-write.
         full = False
-        if upd_r:
-            ur, uc, uv = (np.concatenate(a) for a in (upd_r, upd_c, upd_v))
-            if len(ur) > layout.num_updates:
-                full = True  # rare: many new blocks at once
-                ur = uc = uv = np.zeros(0, np.int64)
-        else:
-            ur = uc = uv = np.zeros(0, np.int64)
-        v["upd_rows"][:len(ur)], v["upd_cols"][:len(ur)], v["upd_vals"][:len(ur)] = ur, uc, uv
-        v["upd_rows"][len(ur):] = self.max_num_seqs
+        if len(upd_r) > layout.num_updates:
+            full = True  # rare: many new blocks at once
+            upd_r = upd_c = upd_v = []
+        u = len(upd_r)
+        v["upd_rows"][:u], v["upd_cols"][:u], v["upd_vals"][:u] = upd_r, upd_c, upd_v
+        v["upd_rows"][u:] = self.max_num_seqs
         assert len(out.copies) <= layout.num_copies, "too many copy-on-write copies"
         for j, (a, b) in enumerate(out.copies):
             v["copy_src"][j], v["copy_dst"][j] = a, b
