@@ -254,6 +254,8 @@ class AsyncLLM:
         for loop, items in by_loop.items():
             if not _call_soon(loop, _push_all, items):
                 # That event loop is closed: its requests can never be read.
+                logger.warning("an event loop closed under %d requests: aborting them",
+                               len(items))
                 for stream, out in items:
                     if not out.finished and self._streams.pop(stream.request_id, None):
                         self.engine.abort_request(stream.request_id)

@@ -35,6 +35,10 @@ class ServeConfig:
     max_tokens x (logprobs + 2 when logprobs are asked); ``send_timeout`` is
     how long a stream may wait on a client that does not read before it is
     aborted; ``request_body_timeout`` bounds reading a request body.
+    Prompts are tokenized and chat templates rendered on
+    ``tokenizer_workers`` threads: a client's prompt waits only while that
+    many others are in progress, and one longer than max_model_len tokens
+    could cover is refused from its length alone, untokenized.
     """
 
     served_model_names: list[str]

@@ -96,7 +96,9 @@ class Generation:
             async for out in self.streams[0]:
                 yield 0, out
             return
-        q: asyncio.Queue = asyncio.Queue()
+        # Bounded: while the reader is busy, pumps wait and each stream keeps
+        # merging its outputs, so nothing piles up here either.
+        q: asyncio.Queue = asyncio.Queue(maxsize=len(self.streams))
 
         async def pump(i, stream):
             try:
