@@ -63,6 +63,8 @@ def concat_out(parts: list, names: list[str]):
         return parts[0]
     if not any(is_quantized(p) for p in parts):
         return np.concatenate([np.asarray(p) for p in parts], axis=0)
+    if not _same_layout(parts):
+        parts = [_widen(p, n) for p, n in zip(parts, names)]
     first = parts[0]
     for n, p in zip(names, parts):
         same = (is_quantized(p) and p.bits == first.bits and p.group_size == first.group_size
@@ -82,6 +84,29 @@ def concat_out(parts: list, names: list[str]):
 
     return dataclasses.replace(first, qvalue=cat("qvalue"), scale=cat("scale"),
                                zero=cat("zero"), min=cat("min"))
+
+
+def _same_layout(parts) -> bool:
+    a = parts[0]
+    return all(is_quantized(p) and p.bits == a.bits and p.qvalue.dtype == a.qvalue.dtype
+               and (p.min is None) == (a.min is None) and (p.zero is None) == (a.zero is None)
+               for p in parts)
+
+
+def _widen(p, name: str):
+    """A block-format part (GGUF files mix Q8_0/Q4_0/Q4_1 within q/k/v) as int8
+    values with an additive minimum: ``d * q + 0`` is ``d * q`` exactly, and
+    4-bit values fit in int8, so fused parts share one layout losslessly."""
+    if not is_quantized(p) or p.zero is not None or p.perm is not None:
+        return p  # left for concat_out to name
+    q = p.qvalue
+    if p.bits == 4:
+        q = np.stack([q & 0xF, q >> 4], axis=-1).reshape(q.shape[0], -1).astype(np.int16)
+        if p.min is None:
+            q = q - 8
+    q = np.asarray(q).astype(np.int8)
+    mn = p.min if p.min is not None else np.zeros(p.scale.shape, p.scale.dtype)
+    return QuantizedWeight(q, p.scale, min=mn, bits=8, group_size=p.group_size)
 
 
 def dequantize_host(w: QuantizedWeight) -> np.ndarray:
