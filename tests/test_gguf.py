@@ -214,7 +214,7 @@ def test_generate_without_model_uses_smollm2(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "jpaged.cli", "generate", "--prompt",
-         "Question: What is the capital of France?\nAnswer:", "--max-tokens", "8",
+         "The capital of France is", "--max-tokens", "4",
          "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--max-model-len", "128"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
