@@ -10,8 +10,8 @@ tokens equal to the baseline's over 32 chat prompts x 64 tokens (position by
 position, through the engine). Activations run in float32 except in the bf16
 row, so the quantized rows show the weights' error alone.
 
-Log-likelihoods come from a plain full-sequence forward of the model (one
-sequence, a scratch paged KV cache), not from the engine.
+Log-likelihoods come from a plain full-sequence forward of the model's layers
+(dense causal attention, no KV cache), not from the engine.
 
     python3 scripts/bench_quant.py [--text FILE] [--modes fp32,int8,...]
 """
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpaged.layers.attention import AttentionMetadata
 from jpaged.model_loader import default_model_path, load_model, weight_bytes
+from jpaged.models.llama import apply_rope, rope_inv_freq
 
 # name -> (dtype, quantization)
 MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
@@ -43,26 +43,36 @@ TOPICS = ["the moon", "bread", "rivers", "volcanoes", "chess", "bees", "the inte
           "bicycles", "clocks"]
 CHAT_PROMPTS = ([f"Tell me about {t}." for t in TOPICS]
                 + [f"Write a short poem about {t}." for t in TOPICS])
-BLOCK = 16
+PAD = 32  # logit prompts are padded to this many tokens
 
 
 def make_forward(cfg, graphdef):
+    """Logits ``[T, V]`` for one sequence ``ids [T]``: the model's own layers,
+    with dense causal attention in place of the paged one (the paged reference
+    gathers K/V per query token, which a 2048-token window cannot afford on a
+    CPU)."""
+
     @jax.jit
-    def forward(params, ids):  # ids [T] -> logits [T, V] float32
-        t = ids.shape[0]
-        nb = -(-t // BLOCK)
-        shape = (nb + 1, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
-        kv = [(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
-              for _ in range(cfg.num_hidden_layers)]
-        pos = jnp.arange(t, dtype=jnp.int32)
-        md = AttentionMetadata(
-            slot_mapping=(pos // BLOCK + 1) * BLOCK + pos % BLOCK,
-            block_tables=jnp.arange(1, nb + 1, dtype=jnp.int32)[None],
-            context_lens=jnp.array([t], jnp.int32),
-            query_start_loc=jnp.array([0, t], jnp.int32), backend="reference")
+    def forward(params, ids):
         model = nnx.merge(graphdef, params)
-        hidden, _ = model(ids, pos, kv, md)
-        return model.compute_logits(hidden)
+        t = ids.shape[0]
+        pos = jnp.arange(t, dtype=jnp.int32)
+        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        x = model.model.embed_tokens(ids)
+        for layer in model.model.layers:
+            qkv = layer.self_attn.qkv_proj(layer.input_layernorm(x))
+            q = apply_rope(qkv[:, :nh * d].reshape(t, nh, d), pos, inv_freq)
+            k = apply_rope(qkv[:, nh * d:(nh + nkv) * d].reshape(t, nkv, d), pos, inv_freq)
+            v = qkv[:, (nh + nkv) * d:].reshape(t, nkv, d)
+            q = q.reshape(t, nkv, nh // nkv, d).astype(jnp.float32)
+            s = jnp.einsum("tkgd,skd->kgts", q, k.astype(jnp.float32)) * d ** -0.5
+            p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+            o = jnp.einsum("kgts,skd->tkgd", p, v.astype(jnp.float32)).astype(x.dtype)
+            x = x + layer.self_attn.o_proj(o.reshape(t, nh * d))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return model.compute_logits(model.model.norm(x))
 
     return forward
 
@@ -117,7 +127,11 @@ def main() -> None:
         cfg, graphdef, params = load_model(path, dtype=dtype, quantization=quant)
         forward = make_forward(cfg, graphdef)
         ppl = {c: perplexity(forward, params, text_ids, c) for c in (512, 2048)}
-        logits = [np.asarray(forward(params, jnp.asarray(p))) for p in prompt_ids]
+        print(f"{mode}: perplexity done in {time.perf_counter() - start:.0f}s", flush=True)
+        # one padded length, one compile; causal attention leaves the real
+        # positions untouched by the padding after them
+        logits = [np.asarray(forward(params, jnp.asarray(np.pad(p, (0, PAD - len(p))))))[:len(p)]
+                  for p in prompt_ids]
         nbytes = weight_bytes(params)
         del params
         tokens = greedy(path, dtype, quant, CHAT_PROMPTS, args.greedy_tokens)

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jpaged.config.engine import QUANT_GROUP_SIZES as GROUP_SIZES
+from jpaged.config.engine import QUANTIZATIONS
 from jpaged.config.model import ModelConfig
 from jpaged.layers.linear import QUANTIZERS, QuantizedWeight, is_quantized, to_device
 from jpaged.model_loader import safetensors as formats
@@ -36,9 +38,7 @@ from jpaged.models.llama import checkpoint_names, is_linear_weight
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax", "gguf")
-# None: the checkpoint's own format. "none": dequantize to the float dtype.
-QUANTIZATIONS = ("none", "int8", "int4", "fp8") + formats.PREQUANTIZED + ("gguf",)
-GROUP_SIZES = (32, 64, 128)
+assert set(QUANTIZATIONS) == {"none", "gguf", *QUANTIZERS, *formats.PREQUANTIZED}
 
 
 def param_name(path: tuple) -> str:
