@@ -194,9 +194,8 @@ def test_smollm2_greedy_matches_transformers(smollm2):
     assert "Paris" in outs[0].outputs[0].text
 
 
-def test_smollm2_weights_stay_quantized(smollm2):
-    path, _ = smollm2
-    cfg, _, params = load_model(path)
+def test_smollm2_weights_stay_quantized():
+    cfg, _, params = load_model(default_model_path())
     layer = params["model"]["layers"][3]
     qkv = layer["self_attn"]["qkv_proj"]["weight"].get_value()
     assert is_quantized(qkv) and qkv.bits == 4 and qkv.min is not None  # Q4_1: d * q + m
