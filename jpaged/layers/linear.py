@@ -58,7 +58,7 @@ def is_quantized(w) -> bool:
     return isinstance(w, QuantizedWeight)
 
 
-def _unpack_stored(w: QuantizedWeight, xp=jnp):
+def dequantize_stored(w: QuantizedWeight, xp=jnp):
     """float32 ``[out, in]`` in stored column order."""
     q = w.qvalue
     if w.bits == 4:
@@ -80,7 +80,7 @@ def dequantize(w, dtype=jnp.float32) -> jax.Array:
     """The weight as a float ``[out, in]`` array in the checkpoint's column order."""
     if not is_quantized(w):
         return jnp.asarray(w).astype(dtype)
-    r = _unpack_stored(w)
+    r = dequantize_stored(w)
     if w.perm is not None:
         r = r[:, jnp.argsort(w.perm)]
     return r.astype(dtype)
@@ -91,7 +91,7 @@ def dense(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     if is_quantized(w):
         if w.perm is not None:
             x = x[:, w.perm]  # cheaper than un-permuting the weight's columns
-        w = _unpack_stored(w).astype(x.dtype)
+        w = dequantize_stored(w).astype(x.dtype)
     y = jnp.einsum("ti,oi->to", x, w)
     return y + bias if bias is not None else y
 
@@ -101,7 +101,7 @@ def embed(w, ids: jax.Array, dtype) -> jax.Array:
     if not is_quantized(w):
         return jnp.take(w, ids, axis=0)
     rows = jax.tree.map(lambda a: jnp.take(a, ids, axis=0), dataclasses.replace(w, perm=None))
-    r = _unpack_stored(rows)
+    r = dequantize_stored(rows)
     if w.perm is not None:
         r = r[:, jnp.argsort(w.perm)]
     return r.astype(dtype)

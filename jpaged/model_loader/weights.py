@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from jpaged.layers.linear import QuantizedWeight, _unpack_stored, is_quantized, pack_int4
+from jpaged.layers.linear import QuantizedWeight, dequantize_stored, is_quantized, pack_int4
 
 
 def unpack_int32(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -111,7 +111,7 @@ def _widen(p, name: str):
 
 def dequantize_host(w: QuantizedWeight) -> np.ndarray:
     """float32 ``[out, in]`` in the checkpoint's column order (numpy)."""
-    r = _unpack_stored(w, np)
+    r = dequantize_stored(w, np)
     if w.perm is not None:
         r = r[:, np.argsort(w.perm)]
     return r
