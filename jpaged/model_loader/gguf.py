@@ -4,7 +4,8 @@
   tokenizer and chat template from ``tokenizer.*`` (see `jpaged.tokenizer`).
 * Tensor names map to Hugging Face names (`HF_NAMES`); a file without
   ``output.weight`` ties the LM head to the embedding.
-* F32/F16/BF16 tensors load as arrays. Q8_0, Q4_0 and Q4_1 stay quantized:
+* F32/F16/BF16 tensors load as arrays. Q8_0, Q4_0, Q4_1 (and, wider than in
+  the file, the K-quants Q4_K and Q6_K, see `_k_quant`) stay quantized:
   each block of 32 inputs (a float16 scale ``d``; Q4_1 also a float16 minimum
   ``m``; then 32 int8 values, or 16 bytes whose low nibbles are elements 0-15
   and high nibbles 16-31) is repacked losslessly into a `QuantizedWeight` with
@@ -100,10 +101,12 @@ def dequantize_tensor(t):
         return np.asarray(t.data).reshape(shape)
     if kind == T.BF16:
         return np.asarray(t.data).view(ml_dtypes.bfloat16).reshape(shape)
-    if kind not in (T.Q8_0, T.Q4_0, T.Q4_1) or len(shape) != 2:
+    if kind not in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K) or len(shape) != 2:
         raise ValueError(f"GGUF tensor {t.name!r} has type {kind.name} (shape {shape}); "
-                         "supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1")
+                         "supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K")
     out, n = shape
+    if kind in (T.Q4_K, T.Q6_K):
+        return _k_quant(np.asarray(t.data).reshape(out, n // 256, -1), kind == T.Q4_K, t.name)
     block_bytes = {T.Q8_0: 34, T.Q4_0: 18, T.Q4_1: 20}[kind]
     b = np.asarray(t.data).reshape(out, n // 32, block_bytes)
     d = _float_blocks(b, 0)  # [out, n / 32]
@@ -115,6 +118,40 @@ def dequantize_tensor(t):
     if kind == T.Q4_0:
         return from_unpacked(q, d, bits=4, where=t.name)  # signed: nibble - 8
     return from_unpacked(q, d, bits=4, min=_float_blocks(b, 2), where=t.name)
+
+
+def _k_quant(b: np.ndarray, q4: bool, name: str):
+    """Q4_K / Q6_K super-blocks of 256 -> a `QuantizedWeight` with float32
+    sub-block scales (``d * sc``, exact: 11 x 8 significant bits), so it is
+    lossless but wider than the file (Q4_K 6 bits a weight, Q6_K 10).
+
+    Q4_K (144 bytes): f16 ``d``, f16 ``dmin``, 12 bytes of 6-bit scales and
+    mins for 8 sub-blocks of 32, then 128 bytes: byte ``i`` of chunk ``c``
+    (32 bytes) holds element ``i`` of sub-block ``2c`` (low nibble) and of
+    ``2c + 1`` (high); ``w = d * sc * q - dmin * m``.
+    Q6_K (210 bytes): 128 bytes of low nibbles, 64 of high 2-bit pairs, 16
+    int8 scales (sub-blocks of 16), f16 ``d``; ``w = d * sc * (q - 32)``.
+    """
+    out, nsb, _ = b.shape
+    if q4:
+        d, dmin = _float_blocks(b, 0).astype(np.float32), _float_blocks(b, 2).astype(np.float32)
+        raw = b[..., 4:16].reshape(out, nsb, 3, 4)
+        lo, hi, mix = raw[..., 0, :], raw[..., 1, :], raw[..., 2, :]
+        sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)
+        mn = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1)
+        qs = b[..., 16:].reshape(out, nsb, 4, 32)
+        q = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(out, nsb * 256)
+        scale = (d[..., None] * sc.astype(np.float32)).reshape(out, -1)
+        minimum = -(dmin[..., None] * mn.astype(np.float32)).reshape(out, -1)
+        return from_unpacked(q, scale, bits=4, min=minimum, where=name)
+    ql = b[..., :128].reshape(out, nsb, 2, 64)
+    qh = b[..., 128:192].reshape(out, nsb, 2, 32)
+    low = np.stack([ql & 0xF, ql >> 4], axis=3).reshape(out, nsb, 2, 4, 32)
+    high = np.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=3)  # [out, nsb, 2, 4, 32]
+    q = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8).reshape(out, nsb * 256)
+    sc = b[..., 192:208].view(np.int8).astype(np.float32)  # [out, nsb, 16]
+    d = np.ascontiguousarray(b[..., 208:210]).view(np.float16).astype(np.float32)  # [.., 1]
+    return from_unpacked(q, (d * sc).reshape(out, -1), bits=8, where=name)
 
 
 def _unpermute_rows(w, n_head: int):
