@@ -136,6 +136,7 @@ def test_service_and_hpa_point_at_the_deployment():
     assert all(p["targetPort"] in port_names for p in svc["spec"]["ports"])
     args = _serve_args(_entrypoint_args() + c["args"])
     assert port_names["http"] == args.port
+    assert port_names["grpc"] == args.grpc_port
     (hpa,) = _docs("hpa.yaml")
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     (metric,) = hpa["spec"]["metrics"]

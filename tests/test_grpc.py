@@ -6,8 +6,6 @@ a dead engine against the fake engine of `serve_helpers`."""
 from __future__ import annotations
 
 import asyncio
-import importlib
-import sys
 import threading
 import time
 
@@ -17,28 +15,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from grpc_client import client_modules
 from serve_helpers import API_KEY, MODEL_NAME, FakeEngine, shared_server
 
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
 
 
 @pytest.fixture(scope="module")
-def client_mod(tmp_path_factory):
-    """``generation_pb2`` and ``generation_pb2_grpc`` compiled from the shipped proto."""
-    from importlib.resources import files
-
-    from grpc_tools import protoc
-
-    proto = files("jpaged.serve.grpc") / "generation.proto"
-    out = tmp_path_factory.mktemp("grpc_client")
-    assert protoc.main(["protoc", f"-I{proto.parent}", f"--python_out={out}",
-                        f"--grpc_python_out={out}", "generation.proto"]) == 0
-    sys.path.insert(0, str(out))
-    try:
-        return (importlib.import_module("generation_pb2"),
-                importlib.import_module("generation_pb2_grpc"))
-    finally:
-        sys.path.remove(str(out))
+def client_mod():
+    return client_modules()
 
 
 class LoopThread:
@@ -57,8 +42,8 @@ def start(llm, auth, **kw):
     from jpaged.serve.grpc.server import start_grpc_server
 
     lt = LoopThread()
-    handle = lt.run(start_grpc_server(llm, 0, auth, served_model_name=MODEL_NAME,
-                                      host="127.0.0.1", **kw))
+    kw.setdefault("served_model_name", MODEL_NAME)
+    handle = lt.run(start_grpc_server(llm, 0, auth, host="127.0.0.1", **kw))
     return lt, handle
 
 
@@ -71,7 +56,7 @@ def rest(llama_dir):
 def grpc_srv(rest):
     from jpaged.serve.auth_plugins import APIKeyAuth
 
-    lt, handle = start(rest.llm, APIKeyAuth([API_KEY]))
+    lt, handle = start(rest.llm, APIKeyAuth([API_KEY]), state=rest.app.state)
     yield handle
     lt.run(handle.stop(0))
 
@@ -341,6 +326,34 @@ def test_oidc_guards_grpc(client_mod, tmp_path):
             with pytest.raises(grpc.RpcError) as e:
                 stub.ModelInfo(pb.ModelInfoRequest(), metadata=md)
             assert e.value.code() == getattr(grpc.StatusCode, code)
+    finally:
+        ch.close()
+        lt.run(handle.stop(0))
+        llm.shutdown()
+
+
+def test_prefix_cache_salt_is_the_callers_principal(client_mod):
+    from jpaged.engine.async_llm import AsyncLLM
+    from jpaged.serve.auth_plugins import APIKeyAuth, principal_of
+
+    class Recording(FakeEngine):
+        salts: list = []
+
+        def add_request(self, request_id, prompt, params, priority=0, cache_salt=None):
+            self.salts.append(cache_salt)
+            return super().add_request(request_id, prompt, params, priority, cache_salt)
+
+    pb = client_mod[0]
+    llm = AsyncLLM(Recording())
+    lt, handle = start(llm, APIKeyAuth(["k1", "k2"]))
+    ch = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    stub = client_mod[1].GenerationStub(ch)
+    try:
+        for key in ("k1", "k2", "k1"):
+            list(stub.Generate(_ids_request(pb, 2), metadata=[("authorization",
+                                                                f"Bearer {key}")]))
+        assert Recording.salts == [principal_of(b"k1"), principal_of(b"k2"),
+                                   principal_of(b"k1")]
     finally:
         ch.close()
         lt.run(handle.stop(0))

@@ -26,6 +26,7 @@ from importlib.metadata import entry_points
 ENTRY_POINT_GROUP = "jpaged.auth"
 PRINCIPAL = "jpaged.principal"  # scope key: the subject string
 PRINCIPAL_OBJECT = "jpaged.auth"  # scope key: the `Principal`
+PUBLIC_PATHS = frozenset({"/health"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Refusal:
     code: str = "invalid_api_key"
     # RFC 6750 error for the WWW-Authenticate header (invalid_token, insufficient_scope).
     bearer_error: str | None = None
+
+
+def principal_of(key: bytes) -> str:
+    """A stable name for an API key that does not reveal it."""
+    return hashlib.sha256(b"jpaged-principal\0" + key).hexdigest()
 
 
 def header(scope, name: bytes) -> list[bytes]:
@@ -80,8 +86,7 @@ class APIKeyAuth:
         self.keys = [k.encode() if isinstance(k, str) else bytes(k) for k in api_keys if k]
         if not self.keys:
             raise ValueError("api_keys=[] is empty: the api-key authenticator needs a key")
-        self.subjects = [hashlib.sha256(b"jpaged-principal\0" + k).hexdigest()
-                         for k in self.keys]
+        self.subjects = [principal_of(k) for k in self.keys]
 
     def authenticate(self, scope) -> Principal | Refusal:
         token = bearer_token(scope)
@@ -159,7 +164,7 @@ class AuthMiddleware:
     `Principal` in ``scope["jpaged.auth"]``.
     """
 
-    def __init__(self, app, auth, public_paths=frozenset({"/health"})):
+    def __init__(self, app, auth, public_paths=PUBLIC_PATHS):
         self.app, self.auth, self.public = app, auth, frozenset(public_paths)
 
     async def __call__(self, scope, receive, send):

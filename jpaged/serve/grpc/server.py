@@ -25,13 +25,35 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from jpaged.serve.auth_plugins import Principal, authenticate
-from jpaged.serve.grpc.servicer import GenerationServicer
+from jpaged.serve.grpc.servicer import PRINCIPAL, GenerationServicer
 from jpaged.serve.grpc.stubs import SERVICE
 
 logger = logging.getLogger(__name__)
 
 PUBLIC_METHODS = frozenset({f"/{HEALTH_SERVICE}/Check", f"/{HEALTH_SERVICE}/Watch"})
 _HEALTH_POLL_S = 0.5
+
+
+def _as(principal: str, handler):
+    """``handler`` (of this service) with `PRINCIPAL` set while it runs."""
+    if handler.unary_stream is not None:
+        inner = handler.unary_stream
+
+        async def stream(request, context):
+            PRINCIPAL.set(principal)  # this call's own task context
+            async for msg in inner(request, context):
+                yield msg
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    inner_unary = handler.unary_unary
+
+    async def unary(request, context):
+        PRINCIPAL.set(principal)
+        return await inner_unary(request, context)
+    return grpc.unary_unary_rpc_method_handler(
+        unary, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
 
 
 def _denied(handler, code: grpc.StatusCode, message: str):
@@ -65,6 +87,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         result = await authenticate(self.auth, {"type": "grpc", "path": details.method,
                                                 "headers": headers})
         if isinstance(result, Principal):
+            if details.method.startswith(f"/{SERVICE}/"):
+                return _as(result.subject, handler)
             return handler
         code = {401: grpc.StatusCode.UNAUTHENTICATED,
                 403: grpc.StatusCode.PERMISSION_DENIED}.get(result.status,
@@ -76,15 +100,16 @@ class GrpcServer:
     """A started gRPC server (see `start_grpc_server`)."""
 
     def __init__(self, server: grpc.aio.Server, servicer: GenerationServicer,
-                 health: health_aio.HealthServicer, port: int, is_draining):
+                 health: health_aio.HealthServicer, port: int, own_state: bool):
         self.server, self.servicer, self.health, self.port = server, servicer, health, port
+        self.state = servicer.state
         self.draining = False
-        self._external_draining = is_draining
+        self._own_state = own_state  # built here, so closed here
         self._status = None
         self._watch = asyncio.ensure_future(self._watch_health())
 
     def is_draining(self) -> bool:
-        return self.draining or bool(self._external_draining and self._external_draining())
+        return self.draining or self.state.draining
 
     async def _set_health(self) -> None:
         serving = self.servicer.llm.is_running and not self.is_draining()
@@ -109,34 +134,46 @@ class GrpcServer:
         self.draining = True
         await self._set_health()
         deadline = time.monotonic() + timeout
-        while self.servicer.inflight and time.monotonic() < deadline:
+        while self.state.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for rid in list(self.servicer.active):
-            self.servicer.llm.abort(rid)
+        for rid in list(self.state.active):
+            self.state.llm.abort(rid)
         await self.stop(grace=2.0)
 
     async def stop(self, grace: float | None = None) -> None:
         self._watch.cancel()
         await self.server.stop(grace)
-        self.servicer.pool.shutdown(wait=False)
+        if self._own_state:
+            self.state.close()
 
 
-async def start_grpc_server(llm, port: int, auth=None, *, served_model_name: str,
-                            host: str = "0.0.0.0", max_message_bytes: int = 1 << 20,
-                            is_draining=None, metrics=None) -> GrpcServer:
+async def start_grpc_server(llm, port: int, auth=None, *, state=None,
+                            served_model_name: str | None = None, host: str = "0.0.0.0",
+                            max_message_bytes: int | None = None) -> GrpcServer:
     """Serve ``jpaged.v1.Generation`` for ``llm`` on ``host:port`` (0: any free
     port; the bound one is ``.port``) in the running event loop.
 
     Args:
         auth: an authenticator (`jpaged.serve.auth_plugins`), or None for none.
-        max_message_bytes: the largest request accepted (the HTTP body limit).
-        is_draining: a callable shared with the HTTP server's drain state.
-        metrics: the HTTP server's `ServerMetrics`, to count aborted calls.
+        state: the HTTP server's `ServerState`, whose limits, tokenizer
+            workers and drain state the gRPC API shares; without it, one with
+            default settings for ``served_model_name``.
+        max_message_bytes: the largest request accepted (default: the HTTP
+            body limit, ``max_request_bytes``).
     """
-    servicer = GenerationServicer(llm, served_model_name, metrics=metrics)
+    own = state is None
+    if own:
+        from jpaged.serve.metrics import ServerMetrics
+        from jpaged.serve.openai.state import ServeConfig, ServerState
+
+        if not served_model_name:
+            raise ValueError("served_model_name is required without a state")
+        state = ServerState(llm, ServeConfig(served_model_names=[served_model_name]),
+                            ServerMetrics(served_model_name))
+    servicer = GenerationServicer(state)
     interceptors = [AuthInterceptor(auth)] if auth is not None else []
     server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes or state.cfg.max_request_bytes),
         ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((servicer.handler(),))
     health = health_aio.HealthServicer()
@@ -147,7 +184,7 @@ async def start_grpc_server(llm, port: int, auth=None, *, served_model_name: str
     if not bound:
         raise ValueError(f"grpc_port={port}: cannot listen on {host}:{port}")
     await server.start()
-    handle = GrpcServer(server, servicer, health, bound, is_draining)
+    handle = GrpcServer(server, servicer, health, bound, own)
     servicer.is_draining = handle.is_draining
     await handle._set_health()
     logger.info("gRPC server listening on %s:%d", host, bound)

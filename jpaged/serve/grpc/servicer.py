@@ -1,8 +1,14 @@
 """``jpaged.v1.Generation`` on an `AsyncLLM`: Generate, Tokenize, ModelInfo.
 
-A ``Generate`` call tokenizes its prompt on a worker thread, submits one
-engine request (``n`` samples in it) with delta outputs, and writes one
-`GenerateResponse` per engine output (``stream: true``) or one at the end.
+The servicer shares the HTTP server's `ServerState`: the same tokenizer
+workers and length checks, the same fan-out and work limits, the same
+client-priority policy, the same drain bookkeeping (``inflight`` and
+``active``, so SIGTERM waits for and aborts gRPC calls too), and the same
+per-principal prefix-cache salt (the authenticated subject, which
+`AuthInterceptor` leaves in `PRINCIPAL`). A ``Generate`` call tokenizes its
+prompt on a worker thread, submits one engine request (``n`` samples in it)
+with delta outputs, and writes one `GenerateResponse` per engine output
+(``stream: true``) or one at the end.
 A cancelled call or an expired deadline cancels the handler task; the
 `RequestStream` it was reading is then closed, which aborts the request and
 frees its blocks. Errors map to status codes: a bad request
@@ -12,18 +18,27 @@ engine or a draining server ``UNAVAILABLE``.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import contextvars
 import logging
 import uuid
 
 import grpc
 
-from jpaged.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from jpaged.engine.async_llm import EngineDeadError, QueueFullError
 from jpaged.sampling_params import SamplingParams
 from jpaged.serve.grpc.stubs import pb2
+from jpaged.serve.openai.errors import APIError
+from jpaged.serve.openai.state import ServerState
 
 logger = logging.getLogger(__name__)
+
+# The authenticated subject of the call being served (set per call by the
+# auth interceptor's wrapper; None without authentication).
+PRINCIPAL: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jpaged_grpc_principal", default=None)
+
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+          413: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE}
 
 
 def sampling_params(p, vocab_size: int) -> SamplingParams:
@@ -54,74 +69,56 @@ class GenerationServicer:
     """The service's three methods (see the module docstring).
 
     Args:
-        llm: the engine, shared with the HTTP API.
-        served_model_name: the name ModelInfo reports.
+        state: the HTTP server's `ServerState` (engine, limits, drain state).
         is_draining: returns True while the server shuts down (new calls get
             ``UNAVAILABLE``).
-        metrics: a `ServerMetrics` whose ``on_abort`` counts cancelled calls.
     """
 
-    def __init__(self, llm: AsyncLLM, served_model_name: str, is_draining=lambda: False,
-                 metrics=None):
-        self.llm, self.served_model_name = llm, served_model_name
-        self.is_draining, self.metrics = is_draining, metrics
-        engine = llm.engine
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.vocab_size = engine.model_config.vocab_size
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jpaged-grpc")
-        self.inflight = 0  # Generate calls running
-        self.active: set[str] = set()  # their engine request ids
-
-    async def _in_pool(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-
-    def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        limit = self.max_model_len
-        head_len = 8 * limit + 1024
-        if len(text) > head_len:  # refuse huge prompts without tokenizing all of them
-            head = self.tokenizer(text[:head_len], add_special_tokens=add_special_tokens)
-            if len(head.input_ids) > limit + 16:
-                raise ValueError(f"prompt has more than {limit} tokens, over "
-                                 f"max_model_len={limit}")
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+    def __init__(self, state: ServerState, is_draining=None):
+        self.state, self.llm = state, state.llm
+        self.is_draining = is_draining or (lambda: state.draining)
 
     async def _prompt_ids(self, request) -> list[int]:
+        st = self.state
         which = request.WhichOneof("input")
         if which == "prompt":
-            if not request.prompt:
-                raise ValueError("prompt='' is empty")
-            return await self._in_pool(self._tokenize, request.prompt)
-        if which != "prompt_token_ids" or not request.prompt_token_ids.ids:
-            raise ValueError("prompt: set prompt or prompt_token_ids (non-empty)")
-        ids = list(request.prompt_token_ids.ids)
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"prompt_token_ids: token id {i} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
-        return ids
+            return await st.in_pool(st.tokenize, request.prompt, True)
+        if which == "prompt_token_ids":
+            return st.check_ids(list(request.prompt_token_ids.ids), "prompt_token_ids")
+        raise APIError(400, "set prompt or prompt_token_ids", "prompt")
+
+    async def _submit(self, rid: str, request):
+        st = self.state
+        ids = await self._prompt_ids(request)
+        params = sampling_params(request.params, st.vocab_size)
+        st.check_fanout(1, params.n, params.max_tokens, None, [len(ids)])
+        priority = request.priority if st.cfg.allow_client_priority else 0
+        stream = await self.llm.add_request(rid, {"prompt_token_ids": ids}, params,
+                                            priority=priority, cache_salt=PRINCIPAL.get(),
+                                            output_kind="delta")
+        return ids, stream
 
     async def Generate(self, request, context):  # noqa: N802 - the proto's name
         if self.is_draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        self.inflight += 1
+        st = self.state
+        st.inflight += 1
         rid = f"grpc-{uuid.uuid4().hex}"
         reply_id = request.request_id or rid
         stream = None
         try:
             try:
-                ids = await self._prompt_ids(request)
-                params = sampling_params(request.params, self.vocab_size)
-                stream = await self.llm.add_request(
-                    rid, {"prompt_token_ids": ids}, params, priority=request.priority,
-                    output_kind="delta")
+                ids, stream = await self._submit(rid, request)
+            except APIError as e:
+                await context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL),
+                                    e.message)
             except QueueFullError as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             except EngineDeadError as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:2000])
-            self.active.add(rid)
+            st.active.add(rid)
             texts: dict[int, list[str]] = {}
             tokens: dict[int, list[int]] = {}
             reasons: dict[int, str] = {}
@@ -149,27 +146,25 @@ class GenerationServicer:
                              for i in sorted(texts)],
                     usage=_usage(ids, tokens))
         finally:
-            self.inflight -= 1
-            self.active.discard(rid)
-            if stream is not None and not stream.finished:
+            st.inflight -= 1
+            st.active.discard(rid)
+            if stream is not None:
                 stream.close()  # cancelled or deadline passed: abort, free the blocks
-                if self.metrics is not None:
-                    self.metrics.on_abort(rid)
 
     async def Tokenize(self, request, context):  # noqa: N802
-        if not request.text:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text='' is empty")
+        st = self.state
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
         try:
-            ids = await self._in_pool(self._tokenize, request.text, add)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:2000])
+            ids = await st.in_pool(st.tokenize, request.text, add)
+        except APIError as e:
+            await context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
         return pb2.TokenizeResponse(token_ids=ids, count=len(ids))
 
     async def ModelInfo(self, request, context):  # noqa: N802
-        return pb2.ModelInfoResponse(served_model_name=self.served_model_name,
-                                     max_model_len=self.max_model_len,
-                                     vocab_size=self.vocab_size)
+        st = self.state
+        return pb2.ModelInfoResponse(served_model_name=st.cfg.served_model_names[0],
+                                     max_model_len=st.max_model_len,
+                                     vocab_size=st.vocab_size)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers, for ``server.add_generic_rpc_handlers``."""

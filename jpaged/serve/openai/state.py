@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from jpaged.engine.async_llm import AsyncLLM
+from jpaged.serve.auth_plugins import authenticator_from_args
 from jpaged.serve.logsafe import get_logger
 from jpaged.serve.metrics import ServerMetrics
 from jpaged.serve.openai import protocol as P
@@ -55,6 +56,9 @@ class ServeConfig:
     send_timeout: float = 30.0
     request_body_timeout: float = 30.0
     tokenizer_workers: int = 4
+    # An authenticator (`jpaged.serve.auth_plugins`); None: API keys, if any.
+    auth: object | None = None
+    grpc_port: int | None = None
 
 
 def serve_config_from_args(args) -> ServeConfig:
@@ -78,7 +82,9 @@ def serve_config_from_args(args) -> ServeConfig:
                        allow_client_priority=args.allow_client_priority,
                        send_timeout=args.send_timeout,
                        request_body_timeout=args.request_timeout,
-                       tokenizer_workers=args.tokenizer_workers)
+                       tokenizer_workers=args.tokenizer_workers,
+                       auth=authenticator_from_args(args, keys),
+                       grpc_port=getattr(args, "grpc_port", None))
 
 
 class ServerState:
@@ -104,6 +110,7 @@ class ServerState:
         self.inflight = 0
         self.active: set[str] = set()  # engine request ids being served
         self.server = None  # the uvicorn.Server, when run by run_server
+        self.auth = None  # the authenticator build_app chose (shared with gRPC)
 
     async def in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
