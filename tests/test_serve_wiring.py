@@ -116,7 +116,7 @@ def test_sigterm_drains_grpc(served):
     stub = pb_grpc.GenerationStub(served["channel"])
     md = [("authorization", f"Bearer {served['token']}")]
     req = pb.GenerateRequest(prompt="Tell me a story", stream=True,
-                             params=pb.SamplingParams(max_tokens=300, ignore_eos=True))
+                             params=pb.SamplingParams(max_tokens=450, ignore_eos=True))
     call = stub.Generate(req, metadata=md, timeout=120)
     first = next(call)
     served["proc"].send_signal(signal.SIGTERM)
@@ -126,5 +126,5 @@ def test_sigterm_drains_grpc(served):
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     rest = list(call)  # the stream in flight runs to its end
     got = sum(len(c.token_ids) for m in [first, *rest] for c in m.choices)
-    assert got == 300 and rest[-1].choices[-1].finish_reason == "length"
+    assert got == 450 and rest[-1].choices[-1].finish_reason == "length"
     assert served["proc"].wait(60) == 0, served["log"].read_text()[-3000:]

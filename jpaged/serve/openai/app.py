@@ -209,7 +209,7 @@ def run_server(args) -> int:
         finally:
             watch.cancel()
             if grpc_server is not None:
-                await grpc_server.stop(grace=1.0)
+                await grpc_server.stop(grace=0.5)  # the drain has already waited
 
     try:
         asyncio.run(main())
