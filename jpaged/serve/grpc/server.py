@@ -7,9 +7,11 @@ an auth scope from the call's metadata and asks the same authenticator as the
 HTTP API; a refusal ends the call with ``UNAUTHENTICATED`` (or
 ``PERMISSION_DENIED`` for a missing scope) before the handler runs. The
 health status follows the engine: ``SERVING`` while it runs, ``NOT_SERVING``
-once it died or the server drains. `GrpcServer.drain` is the SIGTERM path:
-refuse new calls with ``UNAVAILABLE``, let calls in flight finish up to a
-deadline, abort the rest, stop.
+once it died or the server drains. Under ``jpaged serve`` the HTTP server's
+drain covers gRPC calls too (they count in the shared `ServerState`);
+`GrpcServer.drain` does the same for a gRPC server on its own: refuse new
+calls with ``UNAVAILABLE``, let calls in flight finish up to a deadline,
+abort the rest, stop.
 """
 
 from __future__ import annotations
