@@ -61,6 +61,7 @@ class InputBatch:
         self.filtered = np.zeros(r, bool)
         self.random = np.zeros(r, bool)
         self.logprobs = np.zeros(r, bool)
+        self.beam = np.zeros(r, bool)  # beam-search rows: the step returns their top tokens
 
     # ------------------------------------------------------------ rows
     def release(self, req_ids) -> None:
@@ -98,6 +99,9 @@ class InputBatch:
         self.random[row] = not sp.greedy
         self.filtered[row] = (not sp.greedy) and (sp.top_k > 0 or sp.top_p < 1 or sp.min_p > 0)
         self.logprobs[row] = sp.logprobs is not None
+        self.beam[row] = req.beam is not None
+        if req.beam is not None:  # its tokens come from the top-k, never from a draw
+            self.random[row] = self.filtered[row] = self.logprobs[row] = False
         return row
 
     # ------------------------------------------------------------ a step
@@ -211,5 +215,5 @@ class InputBatch:
         ban = ol < self.min_tokens[r]
         v["banned"][:total_rows][ban] = self.banned[r[ban]]
         v["flags"][:] = (self.penalized[r].any(), self.filtered[r].any(), self.logprobs[r].any(),
-                         self.random[r].any())
+                         self.random[r].any(), self.beam[r].any())
         return BuiltStep(layout, buf, decode_only, soff, full, penalty_rows)
