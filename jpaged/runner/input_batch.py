@@ -126,6 +126,12 @@ class InputBatch:
                     penalty_rows.append(row)
             else:
                 row = self.rows[req.request_id]
+                if req.beam is not None:
+                    # A beam's next token is the host's choice, not the row's
+                    # last sampled one: write it (one token a step).
+                    k, m = int(self.num_known[row]), req.num_tokens
+                    self.tokens[row, k:m] = req.all_token_ids[k:m]
+                    self.num_known[row] = m
                 if sr.block_ids:
                     k = len(sr.block_ids)
                     self.block_table[row, sr.block_offset:sr.block_offset + k] = sr.block_ids
