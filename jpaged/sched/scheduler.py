@@ -213,6 +213,7 @@ class Scheduler:
                 self._groups_this_step.add(id(req.beam))
             budget -= num_new
 
+        self._groups_this_step = set()
         if out.num_preempted == 0:
             self._schedule_waiting(out, budget, now)
         out.copies = self.kv.take_pending_copies()
