@@ -209,3 +209,19 @@ def test_beam_search_params_rejected():
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="beam_width"):
         BeamSearchParams(beam_width=0, max_tokens=4)
+
+
+def test_bench_beam_script_runs(llms, tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_beam.py", "--model", llms("llama").llm_engine.config.model,
+         "--num-prompts", "3", "--widths", "2", "--tp-prompts", "1", "--tp-width", "2",
+         "--tp-max-tokens", "4", "--max-model-len", "128", "--kv-cache-memory", str(4 << 20)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| beam search | 2 |" in proc.stdout and "| parallel sampling | 2 |" in proc.stdout
+    assert "ratio jpaged / HF:" in proc.stdout

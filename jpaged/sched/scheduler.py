@@ -279,7 +279,8 @@ class Scheduler:
         beams = [b for b in self.waiting if b.beam is group]
         swapped = beams[0].status == RequestStatus.SWAPPED
         if swapped:
-            need = sum(len(self.kv.req_to_host_blocks.get(b.request_id, ())) for b in beams)
+            # Their blocks, and one more each for the token they compute next.
+            need = sum(len(self.kv.req_to_host_blocks.get(b.request_id, ())) + 1 for b in beams)
             if out.swap_out or need > self.kv.num_free_blocks:
                 return None
         else:
@@ -298,7 +299,10 @@ class Scheduler:
                 out.swap_in += self.kv.swap_in(b.request_id)
                 num_cached, hit_ids = b.num_computed_tokens, ()
             else:
-                hit_ids, num_cached = hits[b.request_id]
+                # Asked again: another beam's new blocks may have evicted a
+                # free cached one (which then costs one new block, as counted).
+                hit_ids, num_cached = self.kv.get_computed_blocks(
+                    b.request_id, b.all_token_ids, b.cache_salt)
                 b.num_computed_tokens = num_cached
                 if b.num_cached_tokens < 0:
                     b.num_cached_tokens = num_cached
