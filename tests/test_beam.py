@@ -225,3 +225,38 @@ def test_bench_beam_script_runs(llms, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| beam search | 2 |" in proc.stdout and "| parallel sampling | 2 |" in proc.stdout
     assert "ratio jpaged / HF:" in proc.stdout
+
+
+def test_scheduler_preempts_and_readmits_beam_groups_whole():
+    """A fake runner (every beam's candidates are tokens 7..10, no EOS): the
+    later group is preempted whole when blocks run out, comes back whole,
+    and every block is free at the end."""
+    from jpaged.cache import KVCacheManager
+    from jpaged.sched import Request, RequestStatus, Scheduler, SchedulerConfig
+    from jpaged.sched.beam import BeamGroup
+
+    kv = KVCacheManager(9, 4, enable_caching=False)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64,
+                                  max_model_len=64), kv)
+    for k, rid in enumerate(("a", "b")):
+        sp = SamplingParams(num_beams=2, num_return_sequences=2, temperature=0, max_tokens=10)
+        r = Request(request_id=rid, group_id=rid, prompt_token_ids=list(range(1 + k, 7 + k)),
+                    sampling_params=sp, arrival_time=k, seed=0, max_tokens=10, forked=True)
+        BeamGroup(r)
+        s.add_request(r)
+    groups = {rid: s.requests[rid].beam for rid in ("a", "b")}
+    preempted_whole = False
+    while s.has_unfinished_requests():
+        out = s.schedule()
+        cands = [([7, 8, 9, 10], [-1.0, -1.5, -2.0, -2.5]) for _ in out.scheduled]
+        s.update_from_output(out, [[7] * sr.num_samples for sr in out.scheduled], cands)
+        b = groups["b"]
+        states = {r.status for r in b.beams}
+        assert len(states) == 1 or b.state.done, "a group is never split between running and waiting"
+        if states == {RequestStatus.WAITING} and len(b.beams) == 2:
+            preempted_whole = True
+            assert all(not kv.get_block_ids(r.request_id) for r in b.beams)
+    assert preempted_whole and s.num_preemptions >= 2
+    assert [g.state.done for g in groups.values()] == [True, True]
+    assert [len(g.state.finished) for g in groups.values()] == [2, 2]
+    assert kv.num_free_blocks == kv.num_blocks - 1 and not kv.req_to_blocks
