@@ -260,3 +260,37 @@ def test_scheduler_preempts_and_readmits_beam_groups_whole():
     assert [g.state.done for g in groups.values()] == [True, True]
     assert [len(g.state.finished) for g in groups.values()] == [2, 2]
     assert kv.num_free_blocks == kv.num_blocks - 1 and not kv.req_to_blocks
+
+
+def test_scheduler_never_splits_a_beam_group_for_a_plain_request():
+    """A plain request that needs a block takes it from the last-arrived beam
+    group: the whole group goes (never one beam alone), and comes back."""
+    from jpaged.cache import KVCacheManager
+    from jpaged.sched import Request, RequestStatus, Scheduler, SchedulerConfig
+    from jpaged.sched.beam import BeamGroup
+
+    kv = KVCacheManager(9, 4, enable_caching=False)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64,
+                                  max_model_len=64), kv)
+    s.add_request(Request(request_id="a", group_id="a", prompt_token_ids=list(range(1, 11)),
+                          sampling_params=SamplingParams(max_tokens=14), arrival_time=0,
+                          seed=0, max_tokens=14, forked=True))
+    sp = SamplingParams(num_beams=2, num_return_sequences=2, temperature=0, max_tokens=9)
+    b = Request(request_id="b", group_id="b", prompt_token_ids=[20, 21, 22], sampling_params=sp,
+                arrival_time=1, seed=0, max_tokens=9, forked=True)
+    group = BeamGroup(b)
+    s.add_request(b)
+    split = preempted = False
+    while s.has_unfinished_requests():
+        out = s.schedule()
+        cands = [([7, 8, 9, 10], [-1.0, -1.1, -2.0, -2.5]) for _ in out.scheduled]
+        s.update_from_output(out, [[7] * sr.num_samples for sr in out.scheduled], cands)
+        a = s.requests.get("a")
+        if a is not None and a.num_output_tokens >= 14:
+            s.finish_requests(["a"], RequestStatus.FINISHED_LENGTH)
+        states = {r.status for r in group.beams}
+        split |= len(states) > 1
+        preempted |= states == {RequestStatus.WAITING}
+    assert preempted and not split
+    assert group.state.done and len(group.state.finished) == 2
+    assert kv.num_free_blocks == kv.num_blocks - 1 and not kv.req_to_blocks
