@@ -61,6 +61,7 @@ class InputBatch:
         self.filtered = np.zeros(r, bool)
         self.random = np.zeros(r, bool)
         self.logprobs = np.zeros(r, bool)
+        self.beam = np.zeros(r, bool)  # beam-search rows: the step returns their top tokens
 
     # ------------------------------------------------------------ rows
     def release(self, req_ids) -> None:
@@ -98,6 +99,9 @@ class InputBatch:
         self.random[row] = not sp.greedy
         self.filtered[row] = (not sp.greedy) and (sp.top_k > 0 or sp.top_p < 1 or sp.min_p > 0)
         self.logprobs[row] = sp.logprobs is not None
+        self.beam[row] = req.beam is not None
+        if req.beam is not None:  # its tokens come from the top-k, never from a draw
+            self.random[row] = self.filtered[row] = self.logprobs[row] = False
         return row
 
     # ------------------------------------------------------------ a step
@@ -122,6 +126,12 @@ class InputBatch:
                     penalty_rows.append(row)
             else:
                 row = self.rows[req.request_id]
+                if req.beam is not None:
+                    # A beam's next token is the host's choice, not the row's
+                    # last sampled one: write it (one token a step).
+                    k, m = int(self.num_known[row]), req.num_tokens
+                    self.tokens[row, k:m] = req.all_token_ids[k:m]
+                    self.num_known[row] = m
                 if sr.block_ids:
                     k = len(sr.block_ids)
                     self.block_table[row, sr.block_offset:sr.block_offset + k] = sr.block_ids
@@ -211,5 +221,5 @@ class InputBatch:
         ban = ol < self.min_tokens[r]
         v["banned"][:total_rows][ban] = self.banned[r[ban]]
         v["flags"][:] = (self.penalized[r].any(), self.filtered[r].any(), self.logprobs[r].any(),
-                         self.random[r].any())
+                         self.random[r].any(), self.beam[r].any())
         return BuiltStep(layout, buf, decode_only, soff, full, penalty_rows)
