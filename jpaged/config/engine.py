@@ -54,6 +54,8 @@ class EngineConfig:
     attention_backend: str = _opt("auto", "auto = pallas on GPUs, reference elsewhere",
                                   ATTENTION_BACKENDS)
     max_logprobs: int = _opt(20, "largest logprobs a request may ask for")
+    tensor_parallel_size: int = _opt(
+        1, "devices to split the model over (attention heads, MLP and vocabulary)")
     async_scheduling: bool = _opt(
         True, "dispatch step N+1 before reading step N's tokens (overlaps host and device)")
     # Compile every step bucket at start-up (serving). False compiles on first

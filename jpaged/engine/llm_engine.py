@@ -33,6 +33,7 @@ from jpaged.layers.attention import resolve_backend
 from jpaged.cache import KVCacheManager
 from jpaged.config.engine import ALLOWED_BLOCK_SIZES, EngineConfig
 from jpaged.config.model import ModelConfig
+from jpaged.distributed.mesh import check_split, make_mesh
 from jpaged.model_loader.loader import load_model
 from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.outputs import RequestMetrics, RequestOutput
@@ -90,9 +91,19 @@ class LLMEngine:
         logger.info("attention backend: %s (%s on %s)", backend, config.attention_backend,
                     jax.default_backend())
         start = time.perf_counter()
-        self.model_config, graphdef, params = load_model(
-            config.model, config.dtype, config.load_format, config.seed)
-        mc = self.model_config
+        tp = config.tensor_parallel_size
+        self.mesh = make_mesh(tp)
+        mc = ModelConfig.from_pretrained(config.model, config.dtype)
+        check_split(mc, tp)
+        load_format = config.load_format
+        if tp > 1 and load_format in ("auto", "orbax"):
+            if load_format == "orbax":
+                raise ValueError("load_format='orbax' holds unsplit params; with "
+                                 f"tensor_parallel_size={tp} use safetensors or dummy")
+            load_format = "safetensors"
+        with jax.set_mesh(self.mesh):  # the model's layout and the loader's shards
+            self.model_config, graphdef, params = load_model(
+                config.model, config.dtype, load_format, config.seed, cfg=mc)
         logger.info("loaded %s (%s, %s) in %.2fs", config.model, mc.architecture, mc.dtype,
                     time.perf_counter() - start)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -110,7 +121,7 @@ class LLMEngine:
         if max_tokens < config.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={max_tokens} must be at least "
                              f"max_num_seqs={config.max_num_seqs}")
-        per_block = kv_bytes_per_block(mc, config.block_size, backend)
+        per_block = kv_bytes_per_block(mc, config.block_size, backend, tp)  # per device
 
         def runner_config(num_blocks: int, num_host: int = 0) -> RunnerConfig:
             return RunnerConfig(
@@ -121,7 +132,7 @@ class LLMEngine:
 
         num_blocks = self._num_blocks(
             per_block, lambda: ModelRunner(mc, graphdef, params, runner_config(2),
-                                           self.eos_token_ids))
+                                           self.eos_token_ids, self.mesh))
         num_host = (int(config.swap_space * (1 << 30)) // per_block
                     if config.preemption_mode == "swap" else 0)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), %d host swap blocks",
@@ -133,7 +144,7 @@ class LLMEngine:
             max_model_len=max_model_len, scheduling_policy=config.scheduling_policy,
             preemption_mode=config.preemption_mode), self.kv)
         self.runner = ModelRunner(mc, graphdef, params, runner_config(num_blocks, num_host),
-                                  self.eos_token_ids)
+                                  self.eos_token_ids, self.mesh)
         start = time.perf_counter()
         if config.compile_all_buckets:
             self.runner.warmup()
@@ -181,7 +192,8 @@ class LLMEngine:
             if not 0 < c.gpu_memory_utilization <= 1:
                 raise ValueError(f"gpu_memory_utilization={c.gpu_memory_utilization} must be "
                                  "in (0, 1]")
-            stats = jax.devices()[0].memory_stats() or {}
+            # Per device: the weights and the cache are split alike over the mesh.
+            stats = self.mesh.local_devices[0].memory_stats() or {}
             limit = stats.get("bytes_limit", 0)
             used = stats.get("bytes_in_use", 0)  # the weights, loaded already
             act = probe_runner().activation_bytes()

@@ -24,11 +24,11 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jpaged.config.model import ModelConfig
+from jpaged.distributed.sharding import constrain_params, param_sharding
 from jpaged.models import get_model_class
 from jpaged.models.llama import checkpoint_names
 
@@ -92,7 +92,7 @@ def _dummy_params(cfg: ModelConfig, seed: int):
 
     @jax.jit
     def init():
-        return nnx.split(cls(cfg, rngs=nnx.Rngs(seed)))[1]
+        return constrain_params(nnx.split(cls(cfg, rngs=nnx.Rngs(seed)))[1])
 
     return init()
 
@@ -121,7 +121,9 @@ def _load_safetensors(model_dir: str, abstract, cfg: ModelConfig):
                 got = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(names, parts))
                 raise ValueError(f"tensor {got} has the wrong shape: expected "
                                  f"{tuple(var.shape)} in total")
-            loaded[path] = jax.device_put(jnp.asarray(arr, dtype=cfg.jnp_dtype))
+            # Cast on the host, then send each device only its shard (the mesh in
+            # context, see jpaged.distributed): no device holds the whole model.
+            loaded[path] = jax.device_put(arr.astype(np.dtype(cfg.jnp_dtype)), param_sharding(var))
             del arr, parts
     return nnx.from_flat_state([(p, v.replace(loaded[p])) for p, v in flat])
 
