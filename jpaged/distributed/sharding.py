@@ -66,6 +66,10 @@ def heads_spec() -> PartitionSpec:
     return spec((None, "cache_heads", None))  # [tokens, heads, head_dim]
 
 
+def logits_spec() -> PartitionSpec:
+    return spec((None, "vocab"))  # [rows, vocab]
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -73,12 +73,12 @@ def write_kv(
     slot_mapping: jax.Array,  # [T] int32
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter new K/V into the cache; out-of-range slots are dropped."""
-    shape = k_cache.shape
-    flat = (shape[0] * shape[1],) + shape[2:]
-    k_cache = k_cache.reshape(flat).at[slot_mapping].set(
-        k.astype(k_cache.dtype), mode="drop").reshape(shape)
-    v_cache = v_cache.reshape(flat).at[slot_mapping].set(
-        v.astype(v_cache.dtype), mode="drop").reshape(shape)
+    bs = k_cache.shape[1]
+    # (block, offset) indices, not a flat view of the cache: a reshape of a
+    # cache with one KV head per device (under TP) made XLA:CPU copy it.
+    blk, off = slot_mapping // bs, slot_mapping % bs
+    k_cache = k_cache.at[blk, off].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[blk, off].set(v.astype(v_cache.dtype), mode="drop")
     return k_cache, v_cache
 
 

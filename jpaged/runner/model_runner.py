@@ -44,7 +44,7 @@ from jpaged.cache.kv_cache_manager import cdiv
 from jpaged.config.model import ModelConfig
 from jpaged.distributed.mesh import make_mesh
 from jpaged.distributed.sharding import (
-    kv_cache_heads, kv_cache_spec, param_shardings, replicated)
+    kv_cache_heads, kv_cache_spec, logits_spec, param_shardings, replicated)
 from jpaged.layers.attention import AttentionMetadata
 from jpaged.runner.buckets import bucket_for, token_buckets
 from jpaged.runner.input_batch import MAX_BANNED, BuiltStep, InputBatch
@@ -171,7 +171,9 @@ class ModelRunner:
         model = nnx.merge(self.graphdef, params)
         hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md)
         logits = model.compute_logits(hidden[inp.logits_indices])  # [S, V]
-        # Split by vocabulary under TP: gathered once, so sampling sees it all.
+        # Split by vocabulary under TP (so the lm_head never moves), then
+        # gathered once, so sampling sees the whole vocabulary.
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(self.mesh, logits_spec()))
         logits = jax.lax.with_sharding_constraint(logits, self._rep)
         results = sample(logits, inp.sampling, token_table, self.cfg.max_logprobs)
         last_tokens = last_tokens.at[inp.sampling.token_rows].set(results[0], mode="drop")
