@@ -74,15 +74,20 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def param_spec(var) -> PartitionSpec:
+    """A parameter's PartitionSpec, from its `AXES_KEY` metadata."""
+    axes = var.get_metadata().get(AXES_KEY) if isinstance(var, nnx.Variable) else None
+    return spec(axes) if axes else PartitionSpec()
+
+
 def param_sharding(var, mesh=None) -> NamedSharding | None:
-    """The NamedSharding of one parameter (a Variable with `AXES_KEY`
-    metadata) on ``mesh`` or the mesh in context; None with no mesh."""
+    """The NamedSharding of one parameter on ``mesh`` or the mesh in context;
+    None with no mesh (the default device)."""
     if mesh is None:
         mesh = jax.sharding.get_mesh()
         if mesh.empty:
             return None
-    axes = var.get_metadata().get(AXES_KEY) if isinstance(var, nnx.Variable) else None
-    return NamedSharding(mesh, spec(axes) if axes else PartitionSpec())
+    return NamedSharding(mesh, param_spec(var))
 
 
 def param_shardings(state, mesh):
@@ -92,11 +97,10 @@ def param_shardings(state, mesh):
 
 
 def constrain_params(state):
-    """Inside jit, under a mesh: lay each parameter out as its axes say."""
-    mesh = jax.sharding.get_mesh()
-    if mesh.empty:
+    """Inside jit, under a mesh in context: lay each parameter out as its axes
+    say, so that each device computes only its shard."""
+    if jax.sharding.get_abstract_mesh().empty:
         return state
     return jax.tree.map(
-        lambda v: v.replace(jax.lax.with_sharding_constraint(v.get_value(),
-                                                             param_sharding(v, mesh))),
+        lambda v: v.replace(jax.lax.with_sharding_constraint(v.get_value(), param_spec(v))),
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
