@@ -33,6 +33,7 @@ from jpaged.layers.attention import resolve_backend
 from jpaged.cache import KVCacheManager
 from jpaged.config.engine import ALLOWED_BLOCK_SIZES, EngineConfig
 from jpaged.config.model import ModelConfig
+from jpaged.distributed import multihost
 from jpaged.distributed.mesh import check_split, make_mesh
 from jpaged.model_loader.loader import load_model
 from jpaged.engine.output_processor import OutputProcessor, RequestState
@@ -78,6 +79,9 @@ def enable_compilation_cache() -> None:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         config = config or EngineConfig(**kwargs)
+        # Before anything touches a device: a multi-host run joins its peers.
+        multihost.initialize(config.distributed_coordinator, config.num_processes,
+                             config.process_id)
         enable_compilation_cache()
         if config.block_size not in ALLOWED_BLOCK_SIZES:
             raise ValueError(f"block_size={config.block_size} is not supported; choose one of "
@@ -201,7 +205,8 @@ class LLMEngine:
             budget = int(limit * c.gpu_memory_utilization) - used - act
         else:
             budget = CPU_DEFAULT_KV_MEMORY
-        num = budget // per_block + 1  # + the null block
+        # Every process must schedule alike: they agree on the smallest cache.
+        num = multihost.agree_min(budget // per_block + 1)  # + the null block
         if num < 2:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of "
                              f"{per_block} bytes; raise kv_cache_memory")
