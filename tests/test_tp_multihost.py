@@ -67,3 +67,23 @@ def test_a_dying_process_ends_the_other(llama_dir):
     assert time.monotonic() - start < 400
     # JAX's coordination service names the peer it lost.
     assert "Task 1 heartbeat timeout" in err0, err0[-3000:]
+
+
+def test_bad_multihost_settings_name_the_values(monkeypatch):
+    import pytest
+
+    from jpaged.distributed.multihost import settings
+
+    for var in ("JPAGED_COORDINATOR", "JPAGED_NUM_PROCESSES", "JPAGED_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert settings(None, 1, 0) == (None, 1, 0)
+    with pytest.raises(ValueError, match="num_processes=2 needs distributed_coordinator"):
+        settings(None, 2, 0)
+    with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
+        settings("h:1", 2, 2)
+    with pytest.raises(ValueError, match="distributed_coordinator='nohost' must be HOST:PORT"):
+        settings("nohost", 2, 1)
+    monkeypatch.setenv("JPAGED_COORDINATOR", "10.0.0.1:7777")
+    monkeypatch.setenv("JPAGED_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JPAGED_PROCESS_ID", "1")
+    assert settings(None, 1, 0) == ("10.0.0.1:7777", 2, 1)
