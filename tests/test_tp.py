@@ -42,15 +42,16 @@ def param_bytes_per_device(params) -> dict:
     return out
 
 
-@pytest.mark.parametrize("arch,tp", [
-    ("llama", 4),  # 4 heads, 2 KV heads: each copied onto 2 devices
-    ("qwen2", 2),  # q/k/v biases split with their heads
-    ("mistral", 8),  # 8 heads, 2 KV heads: 4 copies of each
-])
-def test_tp_greedy_equals_hf_under_pressure(request, arch, tp):
+@pytest.mark.parametrize("arch,tp,extra", [
+    ("llama", 4, {}),  # 4 heads, 2 KV heads: each copied onto 2 devices
+    # q/k/v biases split with their heads; swapped KV blocks keep their split
+    ("qwen2", 2, dict(preemption_mode="swap", swap_space=0.01)),
+    ("mistral", 8, {}),  # 8 heads, 2 KV heads: 4 copies of each
+], ids=["llama-4", "qwen2-2-swap", "mistral-8"])
+def test_tp_greedy_equals_hf_under_pressure(request, arch, tp, extra):
     model_dir = request.getfixturevalue(f"{arch}_dir")
     prompts = pressure_prompts(seed=tp)
-    llm = LLM(model_dir, tensor_parallel_size=tp, **PRESSURE)
+    llm = LLM(model_dir, tensor_parallel_size=tp, **{**PRESSURE, **extra})
     runner = llm.llm_engine.runner
     assert runner.mesh.size == tp
     assert run(llm, prompts) == hf_greedy(model_dir, prompts, MAX_TOKENS)

@@ -137,7 +137,11 @@ class LLMEngine:
         num_blocks = self._num_blocks(
             per_block, lambda: ModelRunner(mc, graphdef, params, runner_config(2),
                                            self.eos_token_ids, self.mesh))
-        num_host = (int(config.swap_space * (1 << 30)) // per_block
+        if config.preemption_mode == "swap" and jax.process_count() > 1:
+            raise ValueError("preemption_mode='swap' is not supported across "
+                             f"{jax.process_count()} processes; use 'recompute'")
+        # The host holds whole blocks: every device's share of them.
+        num_host = (int(config.swap_space * (1 << 30)) // (per_block * tp)
                     if config.preemption_mode == "swap" else 0)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), %d host swap blocks",
                     num_blocks, config.block_size, num_blocks * per_block / 2**20, num_host)
