@@ -1,9 +1,10 @@
 """Tensor parallelism on 8 fake CPU devices: greedy tokens at TP 2, 4 and 8
-(llama at 4, qwen2 at 2, mistral at 2 and 8) equal TP 1 and transformers under chunked prefill, preemption and prefix
-caching (split KV heads, and 2 KV heads copied onto 4 and 8 devices), with
-both attention backends; each device holds its share of the weights and
-the KV cache; no step compiles after warm-up; impossible splits are refused
-with the numbers named."""
+(llama at 4, qwen2 at 2, mistral at 2 and 8) equal TP 1 and transformers
+under chunked prefill, preemption (recompute and swap) and prefix caching
+(split KV heads, and 2 KV heads copied onto 4 and 8 devices), with both
+attention backends; each device holds its share of the weights and the KV
+cache; no step compiles after warm-up; impossible splits are refused with
+the numbers named."""
 
 import jax
 import numpy as np

@@ -173,7 +173,8 @@ class ModelRunner:
         logits = model.compute_logits(hidden[inp.logits_indices])  # [S, V]
         # Split by vocabulary under TP (so the lm_head never moves), then
         # gathered once, so sampling sees the whole vocabulary.
-        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(self.mesh, logits_spec()))
+        logits = jax.lax.with_sharding_constraint(
+            logits, NamedSharding(self.mesh, logits_spec()))
         logits = jax.lax.with_sharding_constraint(logits, self._rep)
         results = sample(logits, inp.sampling, token_table, self.cfg.max_logprobs)
         last_tokens = last_tokens.at[inp.sampling.token_rows].set(results[0], mode="drop")
