@@ -10,7 +10,12 @@
    region, q pre-scaled since it has no softmax scale) and the jnp reference
    where its gather fits. Reports microseconds, K/V bytes read / time and the
    share of the measured copy bandwidth.
-3. Ragged kernel on a prefill-heavy step (and on a decode-only step, to
+3. Decode tuning sweep at batch 64, context 2048 (the issue's target shape):
+   pages per loop iteration x pipelining stages x warps (x splits for the
+   best), each config's time and share of copy bandwidth, the defaults'
+   config marked, the best printed last; configs that fail to compile (e.g.
+   shared memory) are reported, not fatal.
+4. Ragged kernel on a prefill-heavy step (and on a decode-only step, to
    compare with the decode kernel).
 
 Timing: each function is jitted as R back-to-back calls chained through q
@@ -18,7 +23,7 @@ Timing: each function is jitted as R back-to-back calls chained through q
 Exits 2 with one line on stderr when JAX sees no GPU. Writes a JSON copy of
 the table to $OUT/bench_kernels.json when $OUT is set.
 
-  usage: python3 scripts/gpu_bench_kernels.py [--quick]
+  usage: python3 scripts/gpu_bench_kernels.py [--quick]  (quick: context 2048 only)
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ if jax.default_backend() != "gpu" and not SMOKE:
         "run this on a GPU machine", file=sys.stderr)
   sys.exit(2)
 
+from jpaged.pallas_kernels.attention import common  # noqa: E402
+from jpaged.pallas_kernels.attention import decode as decode_mod  # noqa: E402
 from jpaged.pallas_kernels.attention.decode import paged_decode_attention  # noqa: E402
 from jpaged.pallas_kernels.attention.ragged import ragged_paged_attention  # noqa: E402
 from jpaged.pallas_kernels.attention.reference import (  # noqa: E402
@@ -128,7 +135,7 @@ def decode_case(batch, ctx, key):
 
 def bench_decode(bw_copy):
   rows = []
-  batches = (1, 16, 64, 256) if not QUICK else (1, 64)
+  batches = (1, 16, 64, 256) if not QUICK else (1, 64, 256)
   ctxs = (512, 2048, 8192) if not QUICK else (2048,)
   if SMOKE:
     batches, ctxs = (1, 2), (64,)
@@ -166,6 +173,52 @@ def bench_decode(bw_copy):
       print(json.dumps(row), flush=True)
       del q, k, v, tables, lens, out
   return rows
+
+
+def sweep_decode(bw_copy, batch=64, ctx=2048):
+  """Times the decode kernel over its tuning knobs at one shape."""
+  if SMOKE:
+    batch, ctx = 2, 64
+  q, k, v, tables, lens = decode_case(batch, ctx, jax.random.key(11))
+  kv_bytes = 2 * batch * ctx * KVH * D * jnp.dtype(DTYPE).itemsize
+  scale = D ** -0.5
+  pages0, splits0 = decode_mod.default_decode_params(batch, KVH, BS, ctx // BS, D,
+                                                     jnp.dtype(DTYPE).itemsize)
+  stages0 = common.default_num_stages(pages0 * BS * D * jnp.dtype(DTYPE).itemsize)
+  default = (pages0, stages0, 4, splits0)
+  ref = paged_decode_attention_reference(q, k, v, tables, lens, scale=scale)
+  configs = [(p, st, w, splits0) for p in (2, 4, 8, 16) for st in (2, 3, 4) for w in (4, 8)
+             # Triton keeps stages - 1 K and V buffers; an H100 block has 227 KiB.
+             if (st - 1) * 2 * p * BS * D * jnp.dtype(DTYPE).itemsize <= 200 * 1024]
+  if SMOKE:
+    configs = [(2, 2, 4, 1), (4, 3, 4, 1)]
+  if default not in configs:
+    configs.insert(0, default)
+  rows = []
+
+  def run(p, st, w, sp):
+    f = lambda q, k, v, t, l: paged_decode_attention(
+        q, k, v, t, l, scale=scale, pages_per_compute_block=p, num_stages=st, num_warps=w,
+        num_splits=sp, interpret=SMOKE)
+    row = dict(pages=p, stages=st, warps=w, splits=sp, default=(p, st, w, sp) == default)
+    try:
+      row["err_vs_ref"] = rel_err(f(q, k, v, tables, lens), ref)
+      row["us"] = timed(f, q, k, v, tables, lens) * 1e6
+      row["pct_copy"] = 100 * kv_bytes / (row["us"] * 1e-6) / bw_copy
+    except Exception as e:  # noqa: BLE001 - a config that does not compile is a result
+      row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  for cfg in configs:
+    run(*cfg)
+  ok = [r for r in rows if "us" in r]
+  if ok:  # the best config again with split-K, which more programs may help
+    b = min(ok, key=lambda r: r["us"])
+    for sp in (2, 4) if not SMOKE else (2,):
+      run(b["pages"], b["stages"], b["warps"], sp)
+  del q, k, v, tables, lens, ref
+  return dict(batch=batch, ctx=ctx, kv_mb=kv_bytes / 1e6, rows=rows)
 
 
 def ragged_case(q_lens, ctx_lens, key):
@@ -232,6 +285,7 @@ def main():
   print(f"copy: {moved / 2**30:.3g} GiB moved (read + written) in {t * 1e3:.2f} ms = {bw / 1e9:.0f} GB/s",
         flush=True)
   decode_rows = bench_decode(bw)
+  sweep = sweep_decode(bw)
   ragged_rows = bench_ragged(bw)
 
   lines = [f"device {dev.device_kind}, jax {jax.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s",
@@ -245,6 +299,26 @@ def main():
                  f"{fmt(r.get('jax_us'), '8.1f'):>8} {fmt(r.get('ref_us'), '9.1f'):>9} "
                  f"{r['ours_gbs']:>6.0f} {r['ours_pct_copy']:>5.0f} {fmt(speedup, '8.2f'):>8} "
                  f"{fmt(err, '8.1e'):>8}")
+  lines.append(f"decode sweep at batch {sweep['batch']}, ctx {sweep['ctx']} "
+               f"({sweep['kv_mb']:.0f} MB of K/V); * = the defaults' config")
+  lines.append(f"  {'pages':>5} {'stages':>6} {'warps':>5} {'splits':>6} {'us':>8} {'%copy':>5} "
+               f"{'err':>8}")
+  for r in sweep["rows"]:
+    if "error" in r:
+      lines.append(f"  {r['pages']:>5} {r['stages']:>6} {r['warps']:>5} {r['splits']:>6} "
+                   f"FAILED {r['error'][:60]}")
+      continue
+    lines.append(f"{'*' if r['default'] else ' '} {r['pages']:>5} {r['stages']:>6} "
+                 f"{r['warps']:>5} {r['splits']:>6} {r['us']:>8.1f} {r['pct_copy']:>5.0f} "
+                 f"{r['err_vs_ref']:>8.1e}")
+  ok = [r for r in sweep["rows"] if "us" in r]
+  if ok:
+    b = min(ok, key=lambda r: r["us"])
+    d = next((r for r in ok if r["default"]), None)
+    lines.append(f"  best: pages_per_compute_block={b['pages']} num_stages={b['stages']} "
+                 f"num_warps={b['warps']} num_splits={b['splits']}: {b['us']:.1f} us, "
+                 f"{b['pct_copy']:.0f}% of copy"
+                 + (f" (defaults {d['us']:.1f} us, {d['pct_copy']:.0f}%)" if d else ""))
   lines.append("ragged")
   for r in ragged_rows:
     lines.append(f"  {r['case']:<30} T={r['tokens']:<5} {r['ours_us']:>9.1f} us "
@@ -255,7 +329,8 @@ def main():
   out = os.environ.get("OUT")
   if out:
     with open(os.path.join(out, "bench_kernels.json"), "w") as fh:
-      json.dump(dict(copy_gbs=bw / 1e9, decode=decode_rows, ragged=ragged_rows), fh, indent=1)
+      json.dump(dict(copy_gbs=bw / 1e9, decode=decode_rows, decode_sweep=sweep,
+                     ragged=ragged_rows), fh, indent=1)
     with open(os.path.join(out, "bench_kernels_table.txt"), "w") as fh:
       fh.write(table + "\n")
   signal.alarm(0)

@@ -1,57 +1,89 @@
 #!/usr/bin/env bash
 # GPU check, one call on a lent GPU machine (JAX 0.11.2 there), under 8 minutes:
-#   1. the Pallas kernel tests un-interpreted (tests/test_kernels.py, GPU class)
-#   2. scripts/gpu_bench_kernels.py (copy bandwidth, decode vs JAX's bundled
-#      kernel and the reference, ragged prefill)
-#   3. scripts/gpu_bench_engine.py, if it exists
-# and prints a summary table last. Logs go to $OUT (or a temp folder).
-# Exits 2 at once, with one line, when JAX sees no GPU; otherwise non-zero if
-# any step failed.
+#   1. the Pallas kernel tests ON the GPU (JPAGED_TEST_PLATFORM=cuda: the GPU
+#      class fails, not skips, if JAX sees no GPU)
+#   2. scripts/gpu_bench_kernels.py --quick: copy bandwidth, decode against
+#      JAX's bundled kernel and the reference, the decode tuning sweep, ragged
+#   3. scripts/gpu_bench_engine.py: steady-state decode at batch 1/64/256 with
+#      async scheduling on and off, and ShareGPT-like throughput (8B shapes)
+#   4. A/B arms of the batch-64 decode step under XLA flags, each in its own
+#      process: default (with an HLO dump: command-buffer coverage), command
+#      buffers off, Triton GEMM off, autotuning off
+# Each stage has its own time limit and is skipped if it would overrun the
+# overall budget; one summary table prints last and is written, with a tarball
+# of every log, to $OUT when set (the device tool brings back 8 files at most).
+# Exits 2 at once, with one line, when JAX sees no GPU; else 1 if a stage
+# failed or timed out.
 #   usage: bash scripts/gpu_check.sh        (PYTHON=... to pick the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-OUT="${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
-mkdir -p "$OUT"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-460}"
 
 backend=$(timeout 120 "$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null | tail -1)
 if [ "$backend" != "gpu" ]; then
   echo "gpu_check: no GPU visible to JAX (backend: ${backend:-unavailable}); nothing run" >&2
   exit 2
 fi
-"$PY" -c 'import jax, sys; d = jax.devices()[0]; print(f"python {sys.version.split()[0]}, jax {jax.__version__}, {d.device_kind}")' \
-  | tee "$OUT/env.txt"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader >> "$OUT/env.txt" 2>&1
+RUN=$(mktemp -d /tmp/gpu_check.XXXXXX)
+"$PY" - > "$RUN/env.txt" <<'EOF' || { cat "$RUN/env.txt"; echo "gpu_check: JAX's devices are not CUDA GPUs" >&2; exit 1; }
+import sys, jax
+devs = jax.devices()
+version = getattr(devs[0].client, "platform_version", "?")
+print(f"python {sys.version.split()[0]}, jax {jax.__version__}, {devs[0].device_kind} ({version})")
+print("jax.devices():", devs)
+sys.exit(0 if devs[0].platform == "gpu" and "rocm" not in version.lower() else 1)
+EOF
+cat "$RUN/env.txt"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem \
+  --format=csv,noheader >> "$RUN/env.txt" 2>&1
 
-names=(); statuses=(); secs=(); failed=0
-step() {  # step NAME TIMEOUT_S LOG CMD...
+: > "$RUN/stages.tsv"
+failed=0
+step() {  # step NAME LIMIT_S LOG CMD...
   local name=$1 limit=$2 log=$3; shift 3
-  local t0=$SECONDS rc
-  echo "=== $name (limit ${limit}s) ==="
-  timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$log"
-  rc=${PIPESTATUS[0]}
-  names+=("$name"); secs+=($((SECONDS - t0)))
-  if [ "$rc" -eq 0 ]; then statuses+=("ok")
-  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then statuses+=("TIMEOUT"); failed=1
-  else statuses+=("FAIL rc=$rc"); failed=1
+  local left=$((BUDGET_S - SECONDS)) t0=$SECONDS rc status
+  if [ "$left" -lt 25 ]; then
+    printf '%s\tSKIPPED(time)\t0\n' "$name" >> "$RUN/stages.tsv"; return
   fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s) ==="
+  timeout -k 10 "$limit" "$@" > "$RUN/$log" 2>&1
+  rc=$?
+  tail -n 25 "$RUN/$log"
+  if [ "$rc" -eq 0 ]; then status=ok
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status=TIMEOUT; failed=1
+  else status="FAIL(rc=$rc)"; failed=1
+  fi
+  printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" >> "$RUN/stages.tsv"
 }
 
-step "kernel tests (GPU)" 180 test_kernels.log \
+export PYTHONUNBUFFERED=1
+step "kernel tests (GPU)" 100 test_kernels.log env JPAGED_TEST_PLATFORM=cuda \
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not Interpret"
-step "kernel bench" 180 bench_kernels.log env OUT="$OUT" BENCH_TIMEOUT_S=170 "$PY" scripts/gpu_bench_kernels.py
-if [ -f scripts/gpu_bench_engine.py ]; then
-  step "engine bench" 120 bench_engine.log env OUT="$OUT" "$PY" scripts/gpu_bench_engine.py
-fi
+step "kernel bench" 120 bench_kernels.log env OUT="$RUN" BENCH_TIMEOUT_S=115 \
+  "$PY" scripts/gpu_bench_kernels.py --quick
+step "engine bench" 140 bench_engine.log \
+  "$PY" scripts/gpu_bench_engine.py --json "$RUN/bench_engine.json"
+# XLA flag names as in jax 0.11.2's XLA; an unknown flag aborts that arm only.
+ab() {  # ab NAME XLA_FLAGS [extra args]
+  local name=$1 flags=$2; shift 2
+  step "A/B $name" 45 "ab_$name.log" env XLA_FLAGS="$flags" \
+    "$PY" scripts/gpu_bench_engine.py --ab "$name" "$@"
+}
+ab default "" --dump-hlo "$RUN/hlo"
+ab no_cmd_buffers "--xla_gpu_enable_command_buffer="
+ab no_triton_gemm "--xla_gpu_enable_triton_gemm=false"
+ab autotune_0 "--xla_gpu_autotune_level=0"
 
 echo
-[ -f "$OUT/bench_kernels_table.txt" ] && cat "$OUT/bench_kernels_table.txt" && echo
-echo "== gpu_check summary ($(head -1 "$OUT/env.txt")) =="
-tests_line=$(grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/test_kernels.log" | tail -1)
-printf '%-22s %-12s %6s\n' step status seconds
-for i in "${!names[@]}"; do
-  printf '%-22s %-12s %6s\n' "${names[$i]}" "${statuses[$i]}" "${secs[$i]}"
-done
-echo "tests: ${tests_line:-no pytest summary}"
-echo "logs: $OUT"
+"$PY" scripts/gpu_summary.py "$RUN" | tee "$RUN/summary.txt"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  cp "$RUN/summary.txt" "$OUT/gpu_check_summary.txt"
+  [ -f "$RUN/bench_kernels.json" ] && cp "$RUN/bench_kernels.json" "$OUT/"
+  [ -f "$RUN/bench_engine.json" ] && cp "$RUN/bench_engine.json" "$OUT/"
+  tar -C "$RUN" --exclude=hlo -czf "$OUT/gpu_check_logs.tar.gz" .
+fi
+echo "logs: $RUN${OUT:+ (copied to $OUT)}"
 exit $failed

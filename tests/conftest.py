@@ -1,12 +1,50 @@
-"""Test session setup: CPU JAX with fake devices, and tiny offline checkpoints."""
+"""Test session setup: CPU JAX with fake devices by default, an explicit
+platform when asked, and tiny offline checkpoints.
+
+CPU is the default so that the suite runs the same everywhere. An explicit
+platform passes through: ``JPAGED_TEST_PLATFORM=cuda`` (or a ``JAX_PLATFORMS``
+already set in the environment) selects it, and then the GPU-only tests
+*require* it: ``gpu_requested()`` tells them to fail, not skip, when JAX does
+not see a GPU (a GPU run that silently tested nothing once reported green).
+"""
 
 import os
 
+_GPU_PLATFORMS = {"cuda", "gpu", "rocm"}
+
+_platform = os.environ.get("JPAGED_TEST_PLATFORM", "").strip().lower()
+if _platform:
+    os.environ["JAX_PLATFORMS"] = _platform
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+
+def gpu_requested() -> bool:
+    """True when this session was explicitly asked to run on a GPU platform."""
+    return bool(_GPU_PLATFORMS & set(os.environ["JAX_PLATFORMS"].lower().split(",")))
+
+
+def require_gpu_or_skip(what: str) -> None:
+    """Skips ``what`` without a GPU, unless a GPU was asked for: then fails."""
+    import jax
+
+    try:
+        backend, devices = jax.default_backend(), jax.devices()
+    except Exception as e:  # noqa: BLE001 - the requested platform failed to initialise
+        # (RuntimeError on first use; jax 0.10 raises AssertionError after that)
+        backend, devices = None, f"none ({type(e).__name__} {str(e)[:200]})".replace(" )", ")")
+    if backend == "gpu":
+        return
+    if gpu_requested():
+        pytest.fail(f"{what}: asked to run on a GPU (JAX_PLATFORMS="
+                    f"{os.environ['JAX_PLATFORMS']}) but JAX sees no GPU; devices: {devices}",
+                    pytrace=False)
+    pytest.skip(f"{what} need a GPU (set JPAGED_TEST_PLATFORM=cuda on a GPU machine)")
+
 
 _MODELS = {}
 

@@ -8,14 +8,17 @@ on jax 0.10.2 and 0.11.2: an ``AbstractMesh`` carrying an
 ``AbstractDevice(platform="cuda")`` (0.11 reads the GPU generation from it)
 plus ``lower(lowering_platforms=("cuda",))`` (0.10 needs the explicit
 platform). The Triton module is also captured to check that every ``tt.dot``
-is at least 16 x 16 x 16. What it cannot catch: the rest of Triton's own
+is at least 16 x 16 x 16 and none runs at TF32 (float32 kernels must compute
+IEEE f32 dots, Triton's default being TF32). What it cannot catch: the rest of Triton's own
 compilation to PTX (shared memory or register limits, layout failures),
 which XLA runs only when it compiles on a GPU.
 
 Tested combinations: every block size (8..128) x GQA group (1, 4, 7, 8) x
 head_dim (64, 128, 256) in bfloat16, each with a split and an unsplit decode;
 float32 and float16 over the same block sizes, head dims and groups; soft-cap and sliding
-window; a cache over 4 GiB (64-bit offsets); and a self-check that a
+window; a cache over 4 GiB (64-bit offsets); K/V loaded as flat tiles (what
+lets Triton pipeline them; checked through the ``triton`` package's own sm_90
+compile where that package is installed); and a self-check that a
 non-power-of-two tile does fail to lower.
 """
 
@@ -23,7 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -63,21 +69,26 @@ _DOT = re.compile(r"tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<(\d+)x(\d+)x\w
 
 
 def check_dots(module_text):
-  """tl.dot needs M, N, K >= 16, which only Triton's PTX compile would check."""
+  """tl.dot needs M, N, K >= 16, which only Triton's PTX compile would check;
+  and no dot may use TF32 (IEEE, the attribute's default, is not printed)."""
+  assert "inputPrecision = tf32" not in module_text, "a kernel dot runs at TF32"
   dots = _DOT.findall(module_text)
   assert dots, "expected tt.dot in the kernel"
   for m, k, k2, n in dots:
     assert k == k2 and min(int(m), int(k), int(n)) >= 16, f"tt.dot {m}x{k} * {k2}x{n}"
 
 
-def lower_for_h100(f, *args):
-  """``jax.jit(f)`` lowered for an abstract H100; returns the StableHLO text."""
+def lower_for_h100(f, *args, modules_out=None):
+  """``jax.jit(f)`` lowered for an abstract H100; returns the StableHLO text
+  (and appends the Triton module's text to ``modules_out`` if given)."""
   device = jax.sharding.AbstractDevice(device_kind=H100, num_cores=None, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   with jax.sharding.use_abstract_mesh(mesh), capture_triton_modules() as modules:
     lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
   assert len(modules) == 1, f"expected one Triton kernel, got {len(modules)}"
   check_dots(modules[0])
+  if modules_out is not None:
+    modules_out.extend(modules)
   return lowered.as_text()
 
 
@@ -87,26 +98,26 @@ def cache_args(num_blocks, block_size, num_kv_heads, head_dim, dtype):
 
 
 def lower_decode(*, num_seqs, group, head_dim, block_size, dtype, num_kv_heads=8,
-                 max_model_len=4000, num_blocks=1000, **kw):
+                 max_model_len=4000, num_blocks=1000, modules_out=None, **kw):
   max_blocks = -(-max_model_len // block_size)  # usually not a power of two
   args = (sds((num_seqs, num_kv_heads * group, head_dim), dtype),
           *cache_args(num_blocks, block_size, num_kv_heads, head_dim, dtype),
           sds((num_seqs, max_blocks), jnp.int32), sds((num_seqs,), jnp.int32))
   f = functools.partial(decode.paged_decode_attention, scale=head_dim ** -0.5, **kw)
-  text = lower_for_h100(f, *args)
+  text = lower_for_h100(f, *args, modules_out=modules_out)
   assert TRITON_CALL in text
   return text
 
 
 def lower_ragged(*, num_tokens, num_seqs, group, head_dim, block_size, dtype,
-                 num_kv_heads=8, max_model_len=4000, num_blocks=1000, **kw):
+                 num_kv_heads=8, max_model_len=4000, num_blocks=1000, modules_out=None, **kw):
   max_blocks = -(-max_model_len // block_size)
   args = (sds((num_tokens, num_kv_heads * group, head_dim), dtype),
           *cache_args(num_blocks, block_size, num_kv_heads, head_dim, dtype),
           sds((num_seqs, max_blocks), jnp.int32), sds((num_seqs,), jnp.int32),
           sds((num_seqs + 1,), jnp.int32))
   f = functools.partial(ragged.ragged_paged_attention, scale=head_dim ** -0.5, **kw)
-  text = lower_for_h100(f, *args)
+  text = lower_for_h100(f, *args, modules_out=modules_out)
   assert TRITON_CALL in text
   return text
 
@@ -168,6 +179,28 @@ def test_lower_cache_over_4gib():
                dtype=jnp.bfloat16, num_blocks=300_000)
 
 
+_LOAD = re.compile(r"tt\.load [^:]*: tensor<([0-9x]+)x!tt\.ptr<(\w+)>>")
+
+
+@pytest.mark.parametrize("kernel", ["decode", "ragged"])
+@pytest.mark.parametrize("block_size,pages", [(16, 8), (16, 1), (8, 4), (64, 2)])
+def test_kv_tiles_load_flat(kernel, block_size, pages):
+  """K and V load as ``[keys, head_dim]`` tiles, never as ``[pages, page, dim]``
+  reshaped afterwards: Triton then keeps the V tile in registers and only one
+  K buffer (seen compiling for sm_90), which starves the memory pipeline."""
+  modules = []
+  geometry = dict(group=4, head_dim=128, block_size=block_size, dtype=jnp.bfloat16,
+                  pages_per_compute_block=pages, modules_out=modules)
+  if kernel == "decode":
+    lower_decode(num_seqs=64, **geometry)
+  else:
+    lower_ragged(num_tokens=512, num_seqs=64, **geometry)
+  tiles = [shape for shape, ty in _LOAD.findall(modules[0]) if ty == "bf16"]
+  keys = f"{pages * block_size}x128"
+  assert tiles.count(keys) >= 2, (keys, tiles)  # K and V
+  assert f"{pages}x{block_size}x128" not in tiles, tiles
+
+
 def test_lowering_catches_non_power_of_two_tiles():
   """Self-check: the harness really runs the Triton lowering.
 
@@ -183,3 +216,23 @@ def test_lowering_catches_non_power_of_two_tiles():
           sds((4, 30), jnp.int32), sds((4,), jnp.int32))
   with pytest.raises(Exception, match="power of 2"):
     lower_for_h100(bad, *args)
+
+
+def test_triton_pipelines_flat_kv_tiles():
+  """Where the ``triton`` package is installed (not a jpaged dependency), its
+  sm_90 compile of the decode kernel's default config (8 pages of 16, 3
+  stages) streams K and V through two async-copy buffers each, fits in an
+  H100 block's 227 KiB of shared memory, and leaves no tile load in
+  registers."""
+  pytest.importorskip("triton")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "scripts/gpu_triton_report.py", "--pages", "8", "--stages", "3"],
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", TRITON_DEFAULT_FP_FUSION="1"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  m = re.search(r"shared (\d+) KiB; (\d+) async copies in the loop, buffers (\d+); "
+                r"(\d+) plain 2-D tile loads", proc.stdout)
+  assert m, proc.stdout
+  shared, copies, buffers, plain = map(int, m.groups())
+  assert shared <= 227 and copies == 2 and buffers == 2 and plain == 0, proc.stdout

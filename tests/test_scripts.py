@@ -1,15 +1,18 @@
 """The benchmark scripts run end to end on tiny settings, so they cannot rot
 between the runs that record figures (the GPU ones in --smoke mode on CPU)."""
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, tmp_path, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path))
+def _run(args, tmp_path, timeout=600, **env_extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path), **env_extra)
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -24,9 +27,68 @@ def test_bench_throughput_tiny(tmp_path, llama_dir):
     assert "share of allocated slots holding tokens" in out
 
 
-def test_gpu_bench_engine_smoke(tmp_path):
-    out = _run(["scripts/gpu_bench_engine.py", "--smoke"], tmp_path)
-    assert "| 1 |" in out and "compiles:" in out
+def test_bench_host_tiny(tmp_path):
+    out = _run(["scripts/bench_host.py", "--batches", "4", "--lengths", "16", "40", "--steps",
+                "4"], tmp_path)
+    assert "host ms/step at length 40" in out
+    assert out.count("this tree") == 4  # 2 lengths x (async, sync)
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    """A gpu_check.sh run folder filled by the GPU scripts' CPU smoke modes."""
+    run = tmp_path_factory.mktemp("gpu_run")
+    logs = {}
+    logs["kernels"] = _run(["scripts/gpu_bench_kernels.py"], run, OUT=str(run),
+                           JPAGED_BENCH_SMOKE="1")
+    logs["engine"] = _run(["scripts/gpu_bench_engine.py", "--smoke", "--json",
+                           str(run / "bench_engine.json")], run)
+    logs["ab"] = _run(["scripts/gpu_bench_engine.py", "--smoke", "--ab", "default",
+                       "--dump-hlo", str(run / "hlo")], run)
+    (run / "ab_default.log").write_text(logs["ab"])
+    (run / "env.txt").write_text("python 3, jax 0, cpu (smoke)\n")
+    (run / "stages.tsv").write_text("kernel bench\tok\t38\nA/B no_triton_gemm\tSKIPPED(time)\t0\n")
+    (run / "test_kernels.log").write_text("....\n46 passed in 12.3s\n")
+    return run, logs
+
+
+def test_gpu_bench_kernels_smoke_sweeps_decode(gpu_run):
+    run, logs = gpu_run
+    assert "decode sweep at batch" in logs["kernels"] and "best: pages_per_compute_block=" in logs["kernels"]
+    sweep = json.loads((run / "bench_kernels.json").read_text())["decode_sweep"]
+    assert sum(r["default"] for r in sweep["rows"]) == 1
+    assert all(r["err_vs_ref"] < 2e-2 for r in sweep["rows"])
+
+
+def test_gpu_bench_engine_smoke_steady_state(gpu_run):
+    run, logs = gpu_run
+    out = logs["engine"]
+    assert "| on | 1 |" in out and "| off | 4 |" in out and "output tokens/s" in out
+    data = json.loads((run / "bench_engine.json").read_text())
+    assert [(r["async"], r["batch"]) for r in data["steady"]] == [
+        (True, 1), (True, 4), (False, 1), (False, 4)]
+    assert data["throughput"]["output_tokens"] > 0
+    assert data["throughput"]["compiles"] == 0  # the warm pass compiled everything
+    # The device-time column needs the runner's replay_last_step(); say so when absent.
+    from jpaged.runner.model_runner import ModelRunner
+    if not hasattr(ModelRunner, "replay_last_step"):
+        assert "no replay_last_step()" in out
+    else:
+        assert all(r["device_ms"] > 0 for r in data["steady"])
+    ab = [ln for ln in logs["ab"].splitlines() if ln.startswith("AB ")]
+    assert len(ab) == 1 and json.loads(ab[0][3:])["command_buffers"].startswith("ENTRY:")
+
+
+def test_gpu_summary_table(gpu_run):
+    run, _ = gpu_run
+    proc = subprocess.run([sys.executable, "scripts/gpu_summary.py", str(run)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for needle in ("kernel tests on the GPU: 46 passed", "decode sweep best: pages",
+                   "engine steady state", "throughput:", "A/B no_triton_gemm",
+                   "SKIPPED(time)", "default ", "command buffers: ENTRY:"):
+        assert needle in out, (needle, out)
 
 
 def test_gpu_scripts_fail_clearly_without_gpu(tmp_path):

@@ -138,3 +138,36 @@ def test_bad_tensor_parallel_sizes_name_the_numbers(llama_dir):
         check_split(cfg.replace(vocab_size=1001), 2)
     with pytest.raises(ValueError, match="load_format='orbax'"):
         LLM(llama_dir, tensor_parallel_size=2, load_format="orbax")
+
+
+def test_quantized_weights_under_tp_are_refused_by_name(tmp_path, llama_dir):
+    """Quantized weights are not split across devices: TP > 1 with on-the-fly
+    quantization, a pre-quantized checkpoint or a GGUF file is refused naming
+    both settings; quantization='none' dequantizes and splits as usual."""
+    from flax import nnx
+    from gguf import GGMLQuantizationType as T
+    from jax.sharding import PartitionSpec
+    from test_gguf import _write_gguf
+    from test_quant import _quantized_checkpoint
+
+    from jpaged.distributed import make_mesh
+    from jpaged.layers.linear import is_quantized
+    from jpaged.model_loader import load_model
+
+    with pytest.raises(ValueError, match="quantization='int8' with tensor_parallel_size=2"):
+        LLM(llama_dir, tensor_parallel_size=2, quantization="int8")
+    gptq = str(tmp_path / "gptq")
+    _quantized_checkpoint(llama_dir, gptq, "gptq_v1")
+    with pytest.raises(ValueError, match="quantization='gptq' with tensor_parallel_size=2"):
+        LLM(gptq, tensor_parallel_size=2)
+    path = str(tmp_path / "tiny.gguf")
+    _write_gguf(path, dict(embd=T.Q8_0, out=T.F16, q=T.Q4_0, k=T.Q4_0, v=T.Q4_0, o=T.Q4_1,
+                           ffn=T.Q4_0, down=T.Q8_0))
+    with pytest.raises(ValueError, match="GGUF file.*tensor_parallel_size=2"):
+        LLM(path, tensor_parallel_size=2)
+    with jax.set_mesh(make_mesh(2)):
+        _, _, params = load_model(gptq, load_format="safetensors", quantization="none")
+    flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(params)}
+    q = flat["model.layers.0.self_attn.q_proj.weight"]
+    assert not is_quantized(q) and q.sharding.spec == PartitionSpec("model", None)
+    assert q.addressable_shards[0].data.shape[0] == q.shape[0] // 2

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             raise ValueError(f"num_processes={procs}: multi-host serving is not supported "
                              "yet; run jpaged generate on every host, or serve from one host "
                              "with --tensor-parallel-size")
-        from jpaged.serve.server import run_server
+        from jpaged.serve.openai.app import run_server
 
         return run_server(args)
     except ValueError as e:

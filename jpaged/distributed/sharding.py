@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jpaged.distributed.mesh import MODEL_AXIS
+from jpaged.layers.linear import is_quantized
 
 RULES = {
     "vocab": MODEL_AXIS,
@@ -76,7 +77,9 @@ def replicated(mesh) -> NamedSharding:
 
 def param_spec(var) -> PartitionSpec:
     """A parameter's PartitionSpec, from its `AXES_KEY` metadata."""
-    axes = var.get_metadata().get(AXES_KEY) if isinstance(var, nnx.Variable) else None
+    if not isinstance(var, nnx.Variable) or is_quantized(var.get_value()):
+        return PartitionSpec()  # quantized weights load only at TP 1 (see the loader)
+    axes = var.get_metadata().get(AXES_KEY)
     return spec(axes) if axes else PartitionSpec()
 
 

@@ -87,9 +87,9 @@ class LLMEngine:
             raise ValueError(f"block_size={config.block_size} is not supported; choose one of "
                              f"{', '.join(map(str, ALLOWED_BLOCK_SIZES))}")
         if config.model is None:
-            from jpaged.tiny import demo_model_path
+            from jpaged.model_loader import default_model_path
 
-            config = config.replace(model=demo_model_path())
+            config = config.replace(model=default_model_path())
         self.config = config
         backend = resolve_backend(config.attention_backend)
         logger.info("attention backend: %s (%s on %s)", backend, config.attention_backend,
@@ -97,17 +97,22 @@ class LLMEngine:
         start = time.perf_counter()
         tp = config.tensor_parallel_size
         self.mesh = make_mesh(tp)
-        mc = ModelConfig.from_pretrained(config.model, config.dtype)
-        check_split(mc, tp)
-        load_format = config.load_format
-        if tp > 1 and load_format in ("auto", "orbax"):
+        load_format, mc = config.load_format, None
+        if tp > 1:
+            if not (config.model.endswith(".gguf") or load_format == "gguf"):
+                mc = ModelConfig.from_pretrained(config.model, config.dtype)
+                check_split(mc, tp)  # the loader refuses GGUF under TP itself
             if load_format == "orbax":
                 raise ValueError("load_format='orbax' holds unsplit params; with "
                                  f"tensor_parallel_size={tp} use safetensors or dummy")
-            load_format = "safetensors"
+            if load_format == "auto":
+                load_format = "safetensors"
         with jax.set_mesh(self.mesh):  # the model's layout and the loader's shards
             self.model_config, graphdef, params = load_model(
-                config.model, config.dtype, load_format, config.seed, cfg=mc)
+                config.model, config.dtype, load_format, config.seed, cfg=mc,
+                quantization=config.weight_quantization,
+                group_size=config.quantization_group_size)
+        mc = self.model_config
         logger.info("loaded %s (%s, %s) in %.2fs", config.model, mc.architecture, mc.dtype,
                     time.perf_counter() - start)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)

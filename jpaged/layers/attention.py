@@ -7,7 +7,8 @@ Every attention layer of a step does two things, in this order:
    an out-of-range slot and are dropped), and
 2. attend each query token to its sequence's cached K/V through the block
    table, with the backend named in the metadata: ``reference`` (pure jnp,
-   the oracle and the CPU default) or ``pallas`` (the kernels in
+   the oracle's form in `jpaged.layers.attention_cpu`, tiled for prefill;
+   the CPU default) or ``pallas`` (the kernels in
    `jpaged.pallas_kernels`, interpreted on CPU).
 
 The KV cache of one layer is ``(k_cache, v_cache)``, each
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpaged.distributed.sharding import heads_spec, kv_cache_spec
-from jpaged.pallas_kernels.attention import reference
+from jpaged.layers.attention_cpu import cpu_paged_attention
 
 BACKENDS = ("auto", "reference", "pallas")
 
@@ -124,10 +125,10 @@ def paged_attention(
 def _attend(q, k, v, kv_cache, md: AttentionMetadata, scale, sliding_window):
     k_cache, v_cache = write_kv(*kv_cache, k, v, md.slot_mapping)
     if md.backend == "reference":
-        out = reference.ragged_paged_attention_chunked(
+        out = cpu_paged_attention(
             q, k_cache, v_cache, md.block_tables, md.context_lens, md.query_start_loc,
             scale=scale, sliding_window=sliding_window,
-            chunk_tokens=reference_chunk_tokens(q.shape[0], k_cache.shape[1]))
+            decode_chunk=reference_chunk_tokens(q.shape[0], k_cache.shape[1]))
     elif md.backend == "pallas":
         interpret = jax.default_backend() != "gpu"
         if md.decode_only:

@@ -6,7 +6,11 @@ that ``tl.dot`` applies) and runs an online softmax over its share of the
 sequence's pages, ``pages_per_compute_block`` pages per step, gathered through
 the block table straight from the cache layout
 ``[num_blocks, block_size, num_kv_heads, head_dim]`` (no copy, no transpose):
-each K/V page is read once per KV head. Split-K divides the *actual* pages of
+each K/V page is read once per KV head. The page ids of a step load once, one
+step ahead, and K and V load as flat ``[keys, head_dim]`` tiles, so that
+Triton's pipeliner streams them with asynchronous copies ``num_stages - 1``
+tiles deep (a tile reshaped after loading, or addressed by an id loaded in
+the same step, defeats that: seen in the sm_90 compile). Split-K divides the *actual* pages of
 each sequence evenly among ``num_splits`` programs, so long and short
 sequences alike fill the GPU; a small jnp step merges the partial
 ``(m, l, out)`` with a log-sum-exp. With ``num_splits == 1`` the kernel writes
@@ -79,28 +83,41 @@ def _decode_kernel(
   stop = jnp.minimum(start + per_split, end_page)
   num_iters = (jnp.maximum(stop - start, 0) + pages_per_block - 1) // pages_per_block
 
+  # Keys of one tile as a flat [block_k] axis (page slot, offset in page), so
+  # that K and V load as plain [block_k, head_dim] tiles: no reshape of the
+  # loaded tile, which Triton would route through shared memory again.
+  key = jnp.arange(block_k, dtype=jnp.int32)
+  slot, offset = key // block_size, key % block_size
+  slots = jnp.arange(pages_per_block, dtype=jnp.int32)
+
+  def load_ids(i):
+    """Page ids ``[P]`` of iteration ``i``'s pages (one load per block of pages)."""
+    page = start + i * pages_per_block + slots
+    valid = (page < stop) & (page < max_blocks)
+    return common.masked_load(block_tables_ref, (jnp.where(valid, page, 0),), valid)
+
   def body(i, carry):
-    acc, m_prev, l_prev = carry
-    page = start + i * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32)
-    page_valid = (page < stop) & (page < max_blocks)  # [P]
-    ids = common.masked_load(
-        block_tables_ref, (jnp.where(page_valid, page, 0),), page_valid)  # [P]
-    tok = jnp.arange(block_size, dtype=jnp.int32)  # [bs]
-    pos = page[:, None] * block_size + tok[None, :]  # [P, bs]
-    kv_valid = page_valid[:, None] & (pos < ctx) & (pos >= first_tok)  # [P, bs]
-    kv_mask = jnp.broadcast_to(kv_valid[:, :, None], (pages_per_block, block_size, head_dim))
-    kv_idx = (ids[:, None, None], tok[None, :, None], dim[None, None, :])
-    k = common.masked_load(k_ref, kv_idx, kv_mask).reshape(block_k, head_dim)
-    v = common.masked_load(v_ref, kv_idx, kv_mask).reshape(block_k, head_dim)
+    acc, m_prev, l_prev, ids = carry
+    # The next block's page ids load now, one iteration ahead of their use, so
+    # the K/V loads never wait on a dependent table read.
+    ids_next = load_ids(i + 1)
+    page0 = start + i * pages_per_block
+    pos = (page0 + slot) * block_size + offset  # [block_k]
+    kv_valid = (page0 + slot < stop) & (pos < ctx) & (pos >= first_tok)
+    key_ids = jnp.broadcast_to(ids[:, None], (pages_per_block, block_size)).reshape(block_k)
+    kv_idx = (key_ids[:, None], offset[:, None], dim[None, :])
+    kv_mask = jnp.broadcast_to(kv_valid[:, None], (block_k, head_dim))
+    k = common.masked_load(k_ref, kv_idx, kv_mask)  # [block_k, head_dim]
+    v = common.masked_load(v_ref, kv_idx, kv_mask)
 
     s = common.qk(q, k) * scale  # [group_pad, block_k]
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
-    s = jnp.where(kv_valid.reshape(1, block_k), s, -jnp.inf)
-    return common.online_softmax_step(s, v, acc, m_prev, l_prev)
+    s = jnp.where(kv_valid[None, :], s, -jnp.inf)
+    return (*common.online_softmax_step(s, v, acc, m_prev, l_prev), ids_next)
 
   acc, m, l = common.init_carry(group_pad, head_dim)
-  acc, m, l = lax.fori_loop(0, num_iters, body, (acc, m, l))
+  acc, m, l, _ = lax.fori_loop(0, num_iters, body, (acc, m, l, load_ids(0)))
   out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # [group_pad, head_dim]
 
   out_heads = jnp.where(row_valid, heads, num_heads)  # out of bounds: dropped
@@ -188,8 +205,7 @@ def default_decode_params(num_seqs: int, num_kv_heads: int, block_size: int,
                           max_blocks: int, head_dim: int = 128,
                           itemsize: int = 2) -> tuple[int, int]:
   """Picks ``(pages_per_compute_block, num_splits)`` from static shapes."""
-  # K and V tiles of at most 32 KiB each (128 keys of bf16 x 128): with two
-  # pipeline stages that is 128 KiB of shared memory, under an H100's 227.
+  # K and V tiles of at most 32 KiB each (128 keys of bf16 x 128).
   tokens = max(16, (32 * 1024) // (head_dim * itemsize))
   pages = max(1, tokens // block_size)
   pages = min(pages, pl.next_power_of_2(max_blocks))
@@ -239,8 +255,9 @@ def paged_decode_attention(
     num_splits: split-K programs per (sequence, KV head); default from
       shapes, enough programs to fill an H100.
     num_warps: Triton warps per program.
-    num_stages: Triton software-pipelining depth; default 2, or 1 when two
-      stages of K/V tiles would not fit in shared memory.
+    num_stages: Triton software-pipelining depth; default the deepest (up
+      to 4) whose K/V buffers fit 160 KiB of shared memory (3 for 32 KiB
+      tiles).
     interpret: run the Pallas interpreter (CPU) instead of Triton.
 
   Returns:

@@ -9,7 +9,9 @@ program takes ``block_q`` tokens times the GQA group of one KV head as the
 rows of its tile (``block_q * group_pad >= 16``, so ``tl.dot`` applies) and
 runs a flash-attention online softmax over the sequence's pages, read through
 the block table straight from the cache layout
-``[num_blocks, block_size, num_kv_heads, head_dim]``, stopping at the causal
+``[num_blocks, block_size, num_kv_heads, head_dim]`` as flat ``[keys,
+head_dim]`` tiles addressed by page ids loaded one step ahead (so that K and
+V stream through Triton's asynchronous copies), stopping at the causal
 limit of its last token (mask offset ``context_len - query_len``) and
 starting at the sliding window of its first. Padding tokens (after
 ``query_start_loc[S]``) belong to no work item: the output starts as zeros
@@ -96,34 +98,41 @@ def _ragged_kernel(
     start_page = kv_start // block_size
     end_page = (kv_end + block_size - 1) // block_size
     num_iters = (jnp.maximum(end_page - start_page, 0) + pages_per_block - 1) // pages_per_block
-    tok_in_page = jnp.arange(block_size, dtype=jnp.int32)  # [bs]
+    # Flat [block_k] keys and page ids one step ahead, as in the decode kernel:
+    # K and V then stream through Triton's asynchronous-copy pipeline.
+    key = jnp.arange(block_k, dtype=jnp.int32)
+    slot, offset = key // block_size, key % block_size
+    slots = jnp.arange(pages_per_block, dtype=jnp.int32)
+
+    def load_ids(i):
+      page = start_page + i * pages_per_block + slots
+      valid = (page < end_page) & (page < max_blocks)
+      return common.masked_load(block_tables_ref, (seq, jnp.where(valid, page, 0)), valid)
 
     def body(i, carry):
-      acc, m_prev, l_prev = carry
-      page = start_page + i * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32)
-      page_valid = (page < end_page) & (page < max_blocks)  # [P]
-      ids = common.masked_load(
-          block_tables_ref, (seq, jnp.where(page_valid, page, 0)), page_valid)  # [P]
-      pos = page[:, None] * block_size + tok_in_page[None, :]  # [P, bs]
-      kv_valid = page_valid[:, None] & (pos < kv_end) & (pos >= kv_start)
-      kv_mask = jnp.broadcast_to(kv_valid[:, :, None], (pages_per_block, block_size, head_dim))
-      kv_idx = (ids[:, None, None], tok_in_page[None, :, None], dim[None, None, :])
-      k = common.masked_load(k_ref, kv_idx, kv_mask).reshape(block_k, head_dim)
-      v = common.masked_load(v_ref, kv_idx, kv_mask).reshape(block_k, head_dim)
+      acc, m_prev, l_prev, ids = carry
+      ids_next = load_ids(i + 1)
+      page0 = start_page + i * pages_per_block
+      kv_pos = (page0 + slot) * block_size + offset  # [block_k]
+      kv_valid = (page0 + slot < end_page) & (kv_pos < kv_end) & (kv_pos >= kv_start)
+      key_ids = jnp.broadcast_to(ids[:, None], (pages_per_block, block_size)).reshape(block_k)
+      kv_idx = (key_ids[:, None], offset[:, None], dim[None, :])
+      kv_mask = jnp.broadcast_to(kv_valid[:, None], (block_k, head_dim))
+      k = common.masked_load(k_ref, kv_idx, kv_mask)  # [block_k, head_dim]
+      v = common.masked_load(v_ref, kv_idx, kv_mask)
 
       s = common.qk(q, k) * scale  # [rows, block_k]
       if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
-      kv_pos = pos.reshape(1, block_k)
-      mask = (row_valid[:, None] & kv_valid.reshape(1, block_k)
-              & (kv_pos <= row_pos[:, None]))
+      mask = (row_valid[:, None] & kv_valid[None, :]
+              & (kv_pos[None, :] <= row_pos[:, None]))
       if sliding_window is not None:
-        mask &= kv_pos > row_pos[:, None] - sliding_window
+        mask &= kv_pos[None, :] > row_pos[:, None] - sliding_window
       s = jnp.where(mask, s, -jnp.inf)
-      return common.online_softmax_step(s, v, acc, m_prev, l_prev)
+      return (*common.online_softmax_step(s, v, acc, m_prev, l_prev), ids_next)
 
     acc, m, l = common.init_carry(rows, head_dim)
-    acc, m, l = lax.fori_loop(0, num_iters, body, (acc, m, l))
+    acc, m, l, _ = lax.fori_loop(0, num_iters, body, (acc, m, l, load_ids(0)))
     del m
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # [rows, head_dim]
     out = out.reshape(block_q, group_pad, head_dim).astype(o_ref.dtype)
@@ -253,8 +262,8 @@ def ragged_paged_attention(
     pages_per_compute_block: pages per inner step (power of two); default
       about 64 keys for bf16 x 128.
     num_warps: Triton warps per program; default from the tile size.
-    num_stages: Triton software-pipelining depth; default 2, or 1 when two
-      stages of K/V tiles would not fit in shared memory.
+    num_stages: Triton software-pipelining depth; default 3 (two K/V
+      tiles buffered), or 2 if those would not fit 160 KiB of shared memory.
     interpret: run the Pallas interpreter (CPU) instead of Triton.
 
   Returns:
@@ -281,7 +290,8 @@ def ragged_paged_attention(
     raise ValueError(f"pages_per_compute_block={pages} must be a power of two "
                      f"with pages * block_size ({block_size}) >= 16")
   if num_stages is None:
-    num_stages = common.default_num_stages(pages * block_size * head_dim * q.dtype.itemsize)
+    num_stages = common.default_num_stages(pages * block_size * head_dim * q.dtype.itemsize,
+                                           max_stages=3)
   return _ragged_call(
       q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
       scale=float(scale), soft_cap=soft_cap, sliding_window=sliding_window,
