@@ -15,6 +15,7 @@ import sys
 import time
 
 from jpaged.config.engine import add_engine_args, engine_config_from_args
+from jpaged.distributed import multihost
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults for every prompt)")
@@ -82,6 +83,8 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     outs = llm.generate([p for p, _ in items], params, use_tqdm=len(items) > 1)
     elapsed = time.perf_counter() - start
+    if not multihost.is_leader():  # multi-host: process 0 writes the results
+        return 0
     sink = open(args.output, "w") if args.output else None
     for out in outs:
         for c in out.outputs:
@@ -168,6 +171,12 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "chat":
             return cmd_chat(args)
+        _, procs, _ = multihost.settings(args.distributed_coordinator, args.num_processes,
+                                         args.process_id)
+        if procs > 1:  # followers would need process 0's requests each step
+            raise ValueError(f"num_processes={procs}: multi-host serving is not supported "
+                             "yet; run jpaged generate on every host, or serve from one host "
+                             "with --tensor-parallel-size")
         from jpaged.serve.openai.app import run_server
 
         return run_server(args)

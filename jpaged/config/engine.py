@@ -65,6 +65,12 @@ class EngineConfig:
     attention_backend: str = _opt("auto", "auto = pallas on GPUs, reference elsewhere",
                                   ATTENTION_BACKENDS)
     max_logprobs: int = _opt(20, "largest logprobs a request may ask for")
+    tensor_parallel_size: int = _opt(
+        1, "devices to split the model over (attention heads, MLP and vocabulary)")
+    distributed_coordinator: str | None = _opt(
+        None, "HOST:PORT of process 0 for a multi-host run (env JPAGED_COORDINATOR)")
+    num_processes: int = _opt(1, "processes in a multi-host run (env JPAGED_NUM_PROCESSES)")
+    process_id: int = _opt(0, "this process's index, 0 serves (env JPAGED_PROCESS_ID)")
     async_scheduling: bool = _opt(
         True, "dispatch step N+1 before reading step N's tokens (overlaps host and device)")
     # Compile every step bucket at start-up (serving). False compiles on first

@@ -33,6 +33,8 @@ from jpaged.layers.attention import resolve_backend
 from jpaged.cache import KVCacheManager
 from jpaged.config.engine import ALLOWED_BLOCK_SIZES, EngineConfig
 from jpaged.config.model import ModelConfig
+from jpaged.distributed import multihost
+from jpaged.distributed.mesh import check_split, make_mesh
 from jpaged.model_loader.loader import load_model
 from jpaged.engine.beam_output import beam_request_output
 from jpaged.engine.output_processor import OutputProcessor, RequestState
@@ -80,6 +82,9 @@ def enable_compilation_cache() -> None:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         config = config or EngineConfig(**kwargs)
+        # Before anything touches a device: a multi-host run joins its peers.
+        multihost.initialize(config.distributed_coordinator, config.num_processes,
+                             config.process_id)
         enable_compilation_cache()
         if config.block_size not in ALLOWED_BLOCK_SIZES:
             raise ValueError(f"block_size={config.block_size} is not supported; choose one of "
@@ -93,9 +98,23 @@ class LLMEngine:
         logger.info("attention backend: %s (%s on %s)", backend, config.attention_backend,
                     jax.default_backend())
         start = time.perf_counter()
-        self.model_config, graphdef, params = load_model(
-            config.model, config.dtype, config.load_format, config.seed,
-            quantization=config.weight_quantization, group_size=config.quantization_group_size)
+        tp = config.tensor_parallel_size
+        self.mesh = make_mesh(tp)
+        load_format, mc = config.load_format, None
+        if tp > 1:
+            if not (config.model.endswith(".gguf") or load_format == "gguf"):
+                mc = ModelConfig.from_pretrained(config.model, config.dtype)
+                check_split(mc, tp)  # the loader refuses GGUF under TP itself
+            if load_format == "orbax":
+                raise ValueError("load_format='orbax' holds unsplit params; with "
+                                 f"tensor_parallel_size={tp} use safetensors or dummy")
+            if load_format == "auto":
+                load_format = "safetensors"
+        with jax.set_mesh(self.mesh):  # the model's layout and the loader's shards
+            self.model_config, graphdef, params = load_model(
+                config.model, config.dtype, load_format, config.seed, cfg=mc,
+                quantization=config.weight_quantization,
+                group_size=config.quantization_group_size)
         mc = self.model_config
         logger.info("loaded %s (%s, %s) in %.2fs", config.model, mc.architecture, mc.dtype,
                     time.perf_counter() - start)
@@ -114,7 +133,7 @@ class LLMEngine:
         if max_tokens < config.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={max_tokens} must be at least "
                              f"max_num_seqs={config.max_num_seqs}")
-        per_block = kv_bytes_per_block(mc, config.block_size, backend)
+        per_block = kv_bytes_per_block(mc, config.block_size, backend, tp)  # per device
 
         def runner_config(num_blocks: int, num_host: int = 0) -> RunnerConfig:
             return RunnerConfig(
@@ -125,8 +144,12 @@ class LLMEngine:
 
         num_blocks = self._num_blocks(
             per_block, lambda: ModelRunner(mc, graphdef, params, runner_config(2),
-                                           self.eos_token_ids))
-        num_host = (int(config.swap_space * (1 << 30)) // per_block
+                                           self.eos_token_ids, self.mesh))
+        if config.preemption_mode == "swap" and jax.process_count() > 1:
+            raise ValueError("preemption_mode='swap' is not supported across "
+                             f"{jax.process_count()} processes; use 'recompute'")
+        # The host holds whole blocks: every device's share of them.
+        num_host = (int(config.swap_space * (1 << 30)) // (per_block * tp)
                     if config.preemption_mode == "swap" else 0)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), %d host swap blocks",
                     num_blocks, config.block_size, num_blocks * per_block / 2**20, num_host)
@@ -137,7 +160,7 @@ class LLMEngine:
             max_model_len=max_model_len, scheduling_policy=config.scheduling_policy,
             preemption_mode=config.preemption_mode), self.kv)
         self.runner = ModelRunner(mc, graphdef, params, runner_config(num_blocks, num_host),
-                                  self.eos_token_ids)
+                                  self.eos_token_ids, self.mesh)
         start = time.perf_counter()
         if config.compile_all_buckets:
             self.runner.warmup()
@@ -185,7 +208,8 @@ class LLMEngine:
             if not 0 < c.gpu_memory_utilization <= 1:
                 raise ValueError(f"gpu_memory_utilization={c.gpu_memory_utilization} must be "
                                  "in (0, 1]")
-            stats = jax.devices()[0].memory_stats() or {}
+            # Per device: the weights and the cache are split alike over the mesh.
+            stats = self.mesh.local_devices[0].memory_stats() or {}
             limit = stats.get("bytes_limit", 0)
             used = stats.get("bytes_in_use", 0)  # the weights, loaded already
             act = probe_runner().activation_bytes()
@@ -193,7 +217,8 @@ class LLMEngine:
             budget = int(limit * c.gpu_memory_utilization) - used - act
         else:
             budget = CPU_DEFAULT_KV_MEMORY
-        num = budget // per_block + 1  # + the null block
+        # Every process must schedule alike: they agree on the smallest cache.
+        num = multihost.agree_min(budget // per_block + 1)  # + the null block
         if num < 2:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of "
                              f"{per_block} bytes; raise kv_cache_memory")

@@ -13,7 +13,15 @@ Every attention layer of a step does two things, in this order:
 
 The KV cache of one layer is ``(k_cache, v_cache)``, each
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; the whole cache is a
-list of those per layer (one array per layer donates cheaply; see DESIGN.md).
+list of those per layer (one array per layer donates cheaply).
+
+Under tensor parallelism (``mesh`` in the metadata) q, k, v and the cache are
+split by heads along the mesh's ``model`` axis. The reference runs as one
+program that XLA partitions (GSPMD: the head axis is a batch axis of every
+gather, scatter and dot, so each device works on its own heads); the Pallas
+kernels, which XLA cannot partition, run per device under `jax.shard_map`.
+With fewer KV heads than devices the cache holds one copy of a KV head per
+device, and k/v are repeated to match before the write.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jpaged.distributed.sharding import heads_spec, kv_cache_spec
 from jpaged.layers.attention_cpu import cpu_paged_attention
 
 BACKENDS = ("auto", "reference", "pallas")
@@ -52,6 +62,8 @@ class AttentionMetadata:
     # one query token (then the decode kernel applies, with T == S).
     backend: str = dataclasses.field(default="reference", metadata=dict(static=True))
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # The tensor-parallel mesh (None: one device).
+    mesh: Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def write_kv(
@@ -62,12 +74,12 @@ def write_kv(
     slot_mapping: jax.Array,  # [T] int32
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter new K/V into the cache; out-of-range slots are dropped."""
-    shape = k_cache.shape
-    flat = (shape[0] * shape[1],) + shape[2:]
-    k_cache = k_cache.reshape(flat).at[slot_mapping].set(
-        k.astype(k_cache.dtype), mode="drop").reshape(shape)
-    v_cache = v_cache.reshape(flat).at[slot_mapping].set(
-        v.astype(v_cache.dtype), mode="drop").reshape(shape)
+    bs = k_cache.shape[1]
+    # (block, offset) indices, not a flat view of the cache: a reshape of a
+    # cache with one KV head per device (under TP) made XLA:CPU copy it.
+    blk, off = slot_mapping // bs, slot_mapping % bs
+    k_cache = k_cache.at[blk, off].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[blk, off].set(v.astype(v_cache.dtype), mode="drop")
     return k_cache, v_cache
 
 
@@ -92,6 +104,25 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Write this step's K/V, then attend. Returns ``(out [T, H, D], kv_cache)``."""
+    copies = kv_cache[0].shape[2] // k.shape[1]
+    if copies > 1:  # fewer KV heads than devices: one copy per device
+        k, v = jnp.repeat(k, copies, axis=1), jnp.repeat(v, copies, axis=1)
+    if md.mesh is None or md.mesh.size == 1:
+        return _attend(q, k, v, kv_cache, md, scale, sliding_window)
+    heads = NamedSharding(md.mesh, heads_spec())
+    q, k, v = (jax.lax.with_sharding_constraint(x, heads) for x in (q, k, v))
+    if md.backend == "reference":
+        return _attend(q, k, v, kv_cache, md, scale, sliding_window)
+    rep = PartitionSpec()
+    cache = (kv_cache_spec(), kv_cache_spec())
+    per_shard = jax.shard_map(
+        lambda q, k, v, kv, md: _attend(q, k, v, kv, md, scale, sliding_window),
+        mesh=md.mesh, in_specs=(heads_spec(),) * 3 + (cache, rep),
+        out_specs=(heads_spec(), cache), check_vma=False)
+    return per_shard(q, k, v, kv_cache, dataclasses.replace(md, mesh=None))
+
+
+def _attend(q, k, v, kv_cache, md: AttentionMetadata, scale, sliding_window):
     k_cache, v_cache = write_kv(*kv_cache, k, v, md.slot_mapping)
     if md.backend == "reference":
         out = cpu_paged_attention(

@@ -7,6 +7,7 @@ import jax
 from flax import nnx
 
 from jpaged.config.model import ModelConfig
+from jpaged.distributed.sharding import constrain_params
 from jpaged.models import get_model_class
 
 
@@ -15,6 +16,7 @@ def dummy_params(cfg: ModelConfig, seed: int):
 
     @jax.jit
     def init():
-        return nnx.split(cls(cfg, rngs=nnx.Rngs(seed)))[1]
+        # Under a mesh in context each device initialises only its shard.
+        return constrain_params(nnx.split(cls(cfg, rngs=nnx.Rngs(seed)))[1])
 
     return init()

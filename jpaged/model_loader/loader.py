@@ -27,6 +27,7 @@ from flax import nnx
 from jpaged.config.engine import QUANT_GROUP_SIZES as GROUP_SIZES
 from jpaged.config.engine import QUANTIZATIONS
 from jpaged.config.model import ModelConfig
+from jpaged.distributed.sharding import param_sharding, tp_size
 from jpaged.layers.linear import QUANTIZERS, QuantizedWeight, is_quantized, to_device
 from jpaged.model_loader import safetensors as formats
 from jpaged.model_loader.dummy import dummy_params
@@ -77,6 +78,7 @@ def load_model(model: str, dtype: str = "auto", load_format: str = "auto", seed:
         raise ValueError(f"quantization_group_size={group_size} is not supported; choose "
                          f"one of {', '.join(map(str, GROUP_SIZES))}")
     is_gguf = model.endswith(".gguf") or load_format == "gguf"
+    _refuse_quantized_tp(quantization, model if is_gguf else None)
     if is_gguf:
         from jpaged.model_loader import gguf
 
@@ -111,7 +113,25 @@ def load_model(model: str, dtype: str = "auto", load_format: str = "auto", seed:
                              f"{quantization!r} or use load_format='safetensors'")
         return cfg, graphdef, load_orbax(orbax_dir, abstract)
     source, quantization = formats.safetensors_source(model, quantization)
+    _refuse_quantized_tp(quantization, None)  # the checkpoint's own method, if any
     return cfg, graphdef, build_params(abstract, cfg, source, quantization, group_size, model)
+
+
+def _refuse_quantized_tp(quantization: str | None, gguf_file: str | None):
+    """Quantized weights are not split across devices (each `QuantizedWeight`
+    would need its scales, zeros and packed nibbles cut along the same axes):
+    refuse them under tensor parallelism rather than load them unsplit."""
+    tp = tp_size()
+    if tp == 1:
+        return
+    if gguf_file is not None:
+        raise ValueError(f"model={gguf_file!r} is a GGUF file (quantized blocks); with "
+                         f"tensor_parallel_size={tp} use a safetensors checkpoint, or "
+                         "tensor_parallel_size=1")
+    if quantization not in (None, "none"):
+        raise ValueError(f"quantization={quantization!r} with tensor_parallel_size={tp} is "
+                         "not supported: quantized weights are not split across devices; "
+                         "use tensor_parallel_size=1, or quantization='none' for float weights")
 
 
 def _convert(name: str, w, cfg: ModelConfig, quantization: str | None, group_size: int):
@@ -148,7 +168,10 @@ def build_params(abstract, cfg: ModelConfig, source, quantization: str | None,
             raise ValueError(f"tensor {got} has the wrong shape: expected "
                              f"{tuple(var.shape)} in total")
         w = _convert(name, w, cfg, quantization, group_size)
-        loaded.append((path, var.replace(to_device(w))))
+        # Cast on the host (above), then send each device only its shard (the
+        # mesh in context, see jpaged.distributed): no device holds the whole model.
+        loaded.append((path, var.replace(
+            to_device(w) if is_quantized(w) else jax.device_put(w, param_sharding(var)))))
         del w, parts
     return nnx.from_flat_state(loaded)
 

@@ -19,6 +19,13 @@ reads them later. Steps are padded to a token bucket (``S = min(T,
 max_num_seqs)`` sample rows); `warmup` compiles every bucket (two with the
 Pallas backend: decode-only and mixed) and ``num_compiles`` must not move
 afterwards.
+
+Under tensor parallelism the runner holds the mesh: the KV cache is split by
+KV heads (one copy of a KV head per device when there are fewer heads than
+devices), the block table, token table, ``last_tokens`` and the packed buffer
+are replicated, so block ids mean the same on every device and the host's
+allocator is unchanged; the step's logits are gathered before sampling, so
+every device samples the same tokens.
 """
 
 from __future__ import annotations
@@ -31,9 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from jpaged.cache.kv_cache_manager import cdiv
 from jpaged.config.model import ModelConfig
+from jpaged.distributed.mesh import make_mesh
+from jpaged.distributed.sharding import (
+    kv_cache_heads, kv_cache_spec, logits_spec, param_shardings, replicated)
 from jpaged.layers.attention import AttentionMetadata
 from jpaged.runner.buckets import bucket_for, token_buckets
 from jpaged.runner.input_batch import MAX_BANNED, BuiltStep, InputBatch
@@ -56,8 +67,10 @@ def kv_cache_dtype(cfg: ModelConfig, backend: str):
     return cfg.jnp_dtype
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, backend: str) -> int:
-    return (2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, backend: str, tp: int = 1) -> int:
+    """Bytes of one KV block on one device, with the cache split over ``tp``."""
+    heads = kv_cache_heads(cfg.num_key_value_heads, tp) // tp
+    return (2 * cfg.num_hidden_layers * block_size * heads * cfg.head_dim
             * jnp.dtype(kv_cache_dtype(cfg, backend)).itemsize)
 
 
@@ -93,34 +106,54 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, graphdef, params, cfg: RunnerConfig,
-                 eos_token_ids=()):
+                 eos_token_ids=(), mesh=None):
         self.model_cfg, self.graphdef, self.params, self.cfg = model_cfg, graphdef, params, cfg
         self.eos_token_ids = set(eos_token_ids)
         self.max_blocks_per_seq = cdiv(cfg.max_model_len, cfg.block_size)
-        shape = (cfg.num_blocks, cfg.block_size, model_cfg.num_key_value_heads, model_cfg.head_dim)
+        self.mesh = mesh = mesh if mesh is not None else make_mesh(1)
+        self._rep = rep = replicated(mesh)
+        heads = kv_cache_heads(model_cfg.num_key_value_heads, mesh.size)
+        shape = (cfg.num_blocks, cfg.block_size, heads, model_cfg.head_dim)
         dt = kv_cache_dtype(model_cfg, cfg.backend)
-        self.kv_caches = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
-                          for _ in range(model_cfg.num_hidden_layers)]
+        kv_sh = NamedSharding(mesh, kv_cache_spec())
+        self._kv_sh = [(kv_sh, kv_sh)] * model_cfg.num_hidden_layers
+        # Allocated in place, shard by shard: no device holds the whole cache.
+        self.kv_caches = jax.jit(lambda: [(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+                                          for _ in range(model_cfg.num_hidden_layers)],
+                                 out_shardings=self._kv_sh)()
         r = cfg.max_num_seqs
         self.batch = InputBatch(r, cfg.max_model_len, self.max_blocks_per_seq, cfg.block_size,
                                 cfg.num_blocks, model_cfg.vocab_size)
-        self.block_table = jnp.zeros((r, self.max_blocks_per_seq), jnp.int32)
-        self.token_table = jnp.zeros((r, cfg.max_model_len), jnp.int32)
-        self.last_tokens = jnp.zeros((r,), jnp.int32)
+        self.block_table = self._put(np.zeros((r, self.max_blocks_per_seq), np.int32))
+        self.token_table = self._put(np.zeros((r, cfg.max_model_len), np.int32))
+        self.last_tokens = self._put(np.zeros((r,), np.int32))
         host_shape = (cfg.num_host_blocks,) + shape[1:]
         self.host_kv = [(np.zeros(host_shape, dt), np.zeros(host_shape, dt))
                         for _ in range(model_cfg.num_hidden_layers)] if cfg.num_host_blocks else []
         self.buckets = token_buckets(cfg.max_num_batched_tokens)
         self.num_compiles = 0
         self._last: tuple | None = None  # (buf, layout, decode_only) of the last step
+        # Explicit shardings in and out: donated buffers keep their layout, and
+        # an output's layout never changes the next call's compile key.
+        p_sh = param_shardings(params, mesh)
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3, 4),
-                             static_argnames=("layout", "decode_only"))
-        self._gather_blocks = jax.jit(self._gather_impl)
-        self._scatter_blocks = jax.jit(self._scatter_impl, donate_argnums=(0,))
-        self._set_token_row = jax.jit(self._set_row_impl, donate_argnums=(0,))
+                             static_argnums=(6, 7),
+                             in_shardings=(p_sh, self._kv_sh, rep, rep, rep, rep),
+                             out_shardings=(self._kv_sh, rep, rep, rep, rep))
+        self._gather_blocks = jax.jit(self._gather_impl, in_shardings=(self._kv_sh, rep),
+                                      out_shardings=self._kv_sh)
+        self._scatter_blocks = jax.jit(self._scatter_impl, donate_argnums=(0,),
+                                       in_shardings=(self._kv_sh, rep, self._kv_sh),
+                                       out_shardings=self._kv_sh)
+        self._set_token_row = jax.jit(self._set_row_impl, donate_argnums=(0,),
+                                      in_shardings=(rep, rep, rep), out_shardings=rep)
+
+    def _put(self, x: np.ndarray):
+        """A host array, replicated on every device of the mesh."""
+        return jax.device_put(x, self._rep)
 
     # ----------------------------------------------------------- the step
-    def _step_impl(self, params, kv_caches, block_table, token_table, last_tokens, buf, *,
+    def _step_impl(self, params, kv_caches, block_table, token_table, last_tokens, buf,
                    layout: StepLayout, decode_only: bool = False):
         self.num_compiles += 1  # runs at trace time only
         logger.info("compiling step: %d tokens, %d sequences%s", layout.num_tokens,
@@ -137,10 +170,16 @@ class ModelRunner:
         md = AttentionMetadata(
             slot_mapping=inp.slot_mapping, block_tables=block_table[inp.seq_rows],
             context_lens=inp.context_lens, query_start_loc=inp.query_start_loc,
-            backend=self.cfg.backend, decode_only=decode_only)
+            backend=self.cfg.backend, decode_only=decode_only,
+            mesh=self.mesh if self.mesh.size > 1 else None)
         model = nnx.merge(self.graphdef, params)
         hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md)
         logits = model.compute_logits(hidden[inp.logits_indices])  # [S, V]
+        # Split by vocabulary under TP (so the lm_head never moves), then
+        # gathered once, so sampling sees the whole vocabulary.
+        logits = jax.lax.with_sharding_constraint(
+            logits, NamedSharding(self.mesh, logits_spec()))
+        logits = jax.lax.with_sharding_constraint(logits, self._rep)
         results = sample(logits, inp.sampling, token_table, self.cfg.max_logprobs)
         results += beam_candidates(logits, inp.sampling, token_table,
                                    min(MAX_BEAM_CANDIDATES, logits.shape[-1]))
@@ -148,9 +187,11 @@ class ModelRunner:
         return kv_caches, block_table, token_table, last_tokens, results
 
     def _run(self, buf, layout: StepLayout, decode_only: bool):
+        if isinstance(buf, np.ndarray):
+            buf = self._put(buf)
         (self.kv_caches, self.block_table, self.token_table, self.last_tokens,
          res) = self._step(self.params, self.kv_caches, self.block_table, self.token_table,
-                           self.last_tokens, buf, layout=layout, decode_only=decode_only)
+                           self.last_tokens, buf, layout, decode_only)
         return res
 
     def _gather_impl(self, kv, ids):  # swap out: [n] block ids -> per layer [n, ...]
@@ -205,7 +246,8 @@ class ModelRunner:
             logger.info("warm-up: bucket of %d tokens%s ready in %.2fs", t,
                         " (decode-only)" if decode_only else "", time.perf_counter() - start)
         self.token_table = self._set_token_row(
-            self.token_table, np.int32(0), np.zeros(self.cfg.max_model_len, np.int32))
+            self.token_table, self._put(np.int32(0)),
+            self._put(np.zeros(self.cfg.max_model_len, np.int32)))
         self._warm_swap()
 
     def _warm_swap(self) -> None:
@@ -214,8 +256,10 @@ class ModelRunner:
         n, most = 1, min(self.cfg.num_host_blocks, self.cfg.num_blocks - 1)
         while True:  # every power-of-two swap size up to the largest possible swap
             ids = np.full(n, self.cfg.num_blocks, np.int32)  # out of range: dropped
-            data = jax.device_get(self._gather_blocks(self.kv_caches, np.zeros(n, np.int32)))
-            self.kv_caches = self._scatter_blocks(self.kv_caches, ids, data)
+            data = jax.device_get(self._gather_blocks(self.kv_caches,
+                                                      self._put(np.zeros(n, np.int32))))
+            self.kv_caches = self._scatter_blocks(self.kv_caches, self._put(ids),
+                                                  self._put_kv(data))
             if n >= most:
                 break
             n *= 2
@@ -231,8 +275,8 @@ class ModelRunner:
             layout = self._empty_layout(t)
             compiled = self._step.lower(
                 self.params, self.kv_caches, self.block_table, self.token_table,
-                self.last_tokens, self._empty_buf(layout), layout=layout,
-                decode_only=decode_only).compile()
+                self.last_tokens, self._put(self._empty_buf(layout)), layout,
+                decode_only).compile()
             stats = compiled.memory_analysis()
             peak = max(peak, int(getattr(stats, "temp_size_in_bytes", 0) or 0))
         return peak
@@ -245,7 +289,8 @@ class ModelRunner:
         if out.swap_out:
             dev = np.array([d for d, _ in out.swap_out], np.int32)
             host = np.array([h for _, h in out.swap_out], np.int32)
-            data = jax.device_get(self._gather_blocks(self.kv_caches, self._pad_pow2(dev, 0)))
+            data = jax.device_get(self._gather_blocks(self.kv_caches,
+                                                      self._put(self._pad_pow2(dev, 0))))
             for (hk, hv), (dk, dv) in zip(self.host_kv, data):
                 hk[host], hv[host] = dk[:len(dev)], dv[:len(dev)]
         if out.swap_in:
@@ -254,7 +299,13 @@ class ModelRunner:
                                  self.cfg.num_blocks)
             hp = self._pad_pow2(host, 0)
             data = [(hk[hp], hv[hp]) for hk, hv in self.host_kv]
-            self.kv_caches = self._scatter_blocks(self.kv_caches, dev, data)
+            self.kv_caches = self._scatter_blocks(self.kv_caches, self._put(dev),
+                                                  self._put_kv(data))
+
+    def _put_kv(self, data):
+        """Host K/V blocks -> device arrays split like the cache."""
+        return [tuple(jax.device_put(x, sh) for x, sh in zip(pair, shs))
+                for pair, shs in zip(data, self._kv_sh)]
 
     @staticmethod
     def _pad_pow2(a: np.ndarray, fill: int) -> np.ndarray:
@@ -269,10 +320,10 @@ class ModelRunner:
         built = self.batch.build(out, lambda n: bucket_for(self.buckets, n),
                                  self.eos_token_ids, self.cfg.backend == "pallas")
         if built.block_table_full:
-            self.block_table = jnp.asarray(self.batch.block_table)
+            self.block_table = self._put(self.batch.block_table)
         for row in built.penalty_rows:  # prefix-cache hits never pass through a step
             self.token_table = self._set_token_row(
-                self.token_table, np.int32(row), self.batch.tokens[row])
+                self.token_table, self._put(np.int32(row)), self._put(self.batch.tokens[row]))
         self._last = (built.buf, built.layout, built.decode_only)
         res = self._run(built.buf, built.layout, built.decode_only)
         return StepHandle(out, built, res)
@@ -283,7 +334,7 @@ class ModelRunner:
         slots and sampled-token rows, so generation after it is not meaningful)."""
         assert self._last is not None, "no step has run yet"
         buf, layout, decode_only = self._last
-        dev = jax.device_put(buf)
+        dev = self._put(buf)
         jax.block_until_ready(self._run(dev, layout, decode_only))
         start = time.perf_counter()
         for _ in range(iters):
