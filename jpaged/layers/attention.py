@@ -23,9 +23,14 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jpaged.layers.attention_cpu import tiled_prefill_attention
 from jpaged.pallas_kernels.attention import reference
 
 BACKENDS = ("auto", "reference", "pallas")
+# Steps of at least this many tokens (prefill chunks) attend in query tiles on
+# the reference backend (layers/attention_cpu.py); decode-sized steps keep the
+# per-token chunked walk, which wastes nothing on one-token queries.
+TILED_MIN_TOKENS = 256
 
 
 def resolve_backend(name: str) -> str:
@@ -92,7 +97,11 @@ def paged_attention(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Write this step's K/V, then attend. Returns ``(out [T, H, D], kv_cache)``."""
     k_cache, v_cache = write_kv(*kv_cache, k, v, md.slot_mapping)
-    if md.backend == "reference":
+    if md.backend == "reference" and q.shape[0] >= TILED_MIN_TOKENS:
+        out = tiled_prefill_attention(
+            q, k_cache, v_cache, md.block_tables, md.context_lens, md.query_start_loc,
+            scale=scale, sliding_window=sliding_window)
+    elif md.backend == "reference":
         out = reference.ragged_paged_attention_chunked(
             q, k_cache, v_cache, md.block_tables, md.context_lens, md.query_start_loc,
             scale=scale, sliding_window=sliding_window,
