@@ -45,6 +45,11 @@ class SamplingParams:
     # What each RequestOutput carries (vLLM's RequestOutputKind): "cumulative"
     # (all so far), "delta" (only what is new) or "final_only" (one at the end).
     output_kind: str = "cumulative"
+    # Service levels, in ms from arrival: finish by deadline_ms (a running
+    # request past it ends with its partial output, stop_reason "deadline"; a
+    # waiting one is refused) and produce the first token by ttft_slo_ms.
+    deadline_ms: float | None = None
+    ttft_slo_ms: float | None = None
     # Filled by the engine: the model's EOS ids (unless ignore_eos).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -98,6 +103,9 @@ class SamplingParams:
             bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
         if self.logprobs is not None and not 0 <= integer("logprobs"):
             bad("logprobs", "must be >= 0")
+        for name in ("deadline_ms", "ttft_slo_ms"):
+            if getattr(self, name) is not None and not number(name) > 0:
+                bad(name, "must be a positive number of milliseconds")
         if self.output_kind not in OUTPUT_KINDS:
             bad("output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}")
         if not all(isinstance(s, str) and s for s in self.stop):

@@ -17,7 +17,7 @@ ALLOWED_BLOCK_SIZES = (8, 16, 32, 64, 128)
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16",
                  "fp32")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
-SCHEDULING_POLICIES = ("fcfs", "priority")
+SCHEDULING_POLICIES = ("fcfs", "priority", "slo")
 PREEMPTION_MODES = ("recompute", "swap")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 
@@ -47,7 +47,12 @@ class EngineConfig:
     gpu_memory_utilization: float = _opt(
         0.9, "share of GPU memory for weights, activations and the KV cache")
     enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of shared prompt prefixes")
-    scheduling_policy: str = _opt("fcfs", "order of the waiting queue", SCHEDULING_POLICIES)
+    scheduling_policy: str = _opt(
+        "fcfs", "order of the waiting queue, preemption victims and admission control: "
+        "fcfs, priority, slo (priority, then least slack before the deadline), "
+        "package.module:Class, or an entry point of group jpaged.scheduling_policies")
+    max_queue_wait_ms: float | None = _opt(
+        None, "refuse a request that has waited this long without starting")
     preemption_mode: str = _opt("recompute", "what a preempted request loses",
                                 PREEMPTION_MODES)
     swap_space: float = _opt(4.0, "GiB of host memory for swap preemption")

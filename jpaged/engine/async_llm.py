@@ -35,6 +35,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.sched.policy import RequestRefused
 from jpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,8 @@ class AsyncLLM:
         Raises:
             ValueError: the engine refused the request (bad prompt or params).
             QueueFullError: ``max_queue_len`` requests are already waiting.
+            RequestRefused: it cannot meet its deadline (also raised by the
+                stream later, if it is refused while waiting).
             EngineDeadError: the engine loop is dead or shut down.
         """
         if output_kind not in ("cumulative", "delta"):
@@ -301,7 +304,7 @@ class AsyncLLM:
                 self.engine.add_request(request_id, prompt, params, priority=priority,
                                         cache_salt=cache_salt)
             except Exception as e:  # noqa: BLE001 - this request's own fault
-                err = e if isinstance(e, ValueError) else ValueError(str(e))
+                err = e if isinstance(e, (ValueError, RequestRefused)) else ValueError(str(e))
         if err is None:
             self._streams[request_id] = stream
         stream.loop.call_soon_threadsafe(_settle, accepted, err)
@@ -315,8 +318,9 @@ class AsyncLLM:
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+            if stream is not None:  # a refusal (deadline) is raised to the reader
+                by_loop.setdefault(stream.loop, []).append(
+                    (stream.queue, out.error if out.error is not None else out))
         for loop, items in by_loop.items():
             _call_soon(loop, _put_all, items)
 
@@ -370,4 +374,4 @@ def _call_soon(loop, fn, *args) -> None:
         pass
 
 
-__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestStream"]
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestRefused", "RequestStream"]

@@ -22,6 +22,7 @@ The path of a request:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ def enable_compilation_cache() -> None:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, **kwargs):
+    def __init__(self, config: EngineConfig | None = None, clock=time.time, **kwargs):
         config = config or EngineConfig(**kwargs)
         enable_compilation_cache()
         if config.block_size not in ALLOWED_BLOCK_SIZES:
@@ -131,7 +132,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
             max_model_len=max_model_len, scheduling_policy=config.scheduling_policy,
-            preemption_mode=config.preemption_mode), self.kv)
+            preemption_mode=config.preemption_mode,
+            max_queue_wait_ms=config.max_queue_wait_ms), self.kv, clock=clock)
         self.runner = ModelRunner(mc, graphdef, params, runner_config(num_blocks, num_host),
                                   self.eos_token_ids)
         start = time.perf_counter()
@@ -198,10 +200,19 @@ class LLMEngine:
     # ------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, deadline_ms: float | None = None,
+                    ttft_slo_ms: float | None = None) -> None:
         """Queue a request. ``prompt`` is a string, a list of token ids, or a dict
-        with ``prompt`` or ``prompt_token_ids``."""
+        with ``prompt`` or ``prompt_token_ids``. ``deadline_ms``/``ttft_slo_ms``
+        override the SamplingParams fields of the same names.
+
+        Raises ValueError for bad input, `RequestRefused` when the scheduling
+        policy's admission control refuses the request."""
         params = params or SamplingParams()
+        if deadline_ms is not None or ttft_slo_ms is not None:
+            params = dataclasses.replace(
+                params, deadline_ms=params.deadline_ms if deadline_ms is None else deadline_ms,
+                ttft_slo_ms=params.ttft_slo_ms if ttft_slo_ms is None else ttft_slo_ms)
         if request_id in self.output.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
@@ -221,11 +232,15 @@ class LLMEngine:
                 raise ValueError(f"prompt has {len(ids)} tokens, no room under "
                                  f"max_model_len={self.max_model_len}")
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63 - 1))
-        now = time.time() if arrival_time is None else arrival_time
+        now = self.scheduler.clock() if arrival_time is None else arrival_time
         req = Request(request_id=request_id, group_id=request_id, prompt_token_ids=ids,
                       sampling_params=params, arrival_time=now, seed=seed, priority=priority,
                       cache_salt=cache_salt, max_tokens=max_tokens,
-                      forked=params.n == 1)
+                      forked=params.n == 1,
+                      deadline=None if params.deadline_ms is None
+                      else now + params.deadline_ms / 1000,
+                      ttft_deadline=None if params.ttft_slo_ms is None
+                      else now + params.ttft_slo_ms / 1000)
         self.scheduler.add_request(req)  # raises on max_model_len / cache size
         self.output.add(RequestState(request_id, text, ids, params,
                                      RequestMetrics(arrival_time=now), samples=[req]))
@@ -272,6 +287,8 @@ class LLMEngine:
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        ended = self.output.end_early(out.expired, out.refused) \
+            if out.expired or out.refused else []
         handle = None
         if out.scheduled:
             self._record_utilization()
@@ -282,14 +299,20 @@ class LLMEngine:
             handle = self.runner.dispatch(out)
         elif out.freed_req_ids:
             self.runner.release_rows(out.freed_req_ids)
+        if handle is not None:
+            handle.dispatch_time = time.perf_counter()
         if not self.async_scheduling:
-            return self._process(handle) if handle is not None else []
+            return ended + (self._process(handle) if handle is not None else [])
         prev, self._inflight = self._inflight, handle
-        return self._process(prev) if prev is not None else []
+        return ended + (self._process(prev) if prev is not None else [])
 
     def _process(self, handle) -> list[RequestOutput]:
         """Read a dispatched step's tokens and turn them into outputs."""
         tokens, lp, rank, top_ids, top_lps, soff = handle.results()
+        out = handle.out
+        if out.num_scheduled_tokens > len(out.scheduled):  # a prefill: teach the estimate
+            self.scheduler.estimator.record(out.num_scheduled_tokens,
+                                            time.perf_counter() - handle.dispatch_time)
         toks = tokens.tolist()
         samples, results = [], {}
         for i, sr in enumerate(handle.out.scheduled):

@@ -16,6 +16,13 @@ One step:
    the next step may be scheduled before this step's tokens are known
    (async scheduling). A request whose last token is in flight (it reaches
    ``max_tokens``) or whose ``n > 1`` fork is pending waits for the token.
+Deadlines (every policy): at the start of each step a running request past
+its ``deadline`` ends with its partial output (``stop_reason="deadline"``), and
+a waiting one that has no token yet and is past its deadline, its
+time-to-first-token deadline or ``max_queue_wait_ms`` is refused, as is one
+the policy's admission control refuses (`jpaged.sched.policy`). The policy
+also orders the waiting queue and picks preemption victims.
+
 4. `update_from_output` appends the sampled tokens (replacing the
    placeholders) and forks ``n > 1`` prompts into siblings. Stop conditions
    are the engine's output processor's; it calls `finish_requests`, which
@@ -33,9 +40,11 @@ from dataclasses import dataclass
 
 from jpaged.cache import KVCacheManager
 from jpaged.sched.output import ScheduledRequest, SchedulerOutput
+from jpaged.sched.policy import BUILTIN_POLICIES, FCFSPolicy, PrefillEstimator, \
+    RequestRefused, resolve_policy
 from jpaged.sched.request import Request, RequestStatus
 
-POLICIES = ("fcfs", "priority")
+POLICIES = tuple(BUILTIN_POLICIES)  # or "module:Class", or an entry point name
 PREEMPTION_MODES = ("recompute", "swap")
 
 
@@ -46,11 +55,12 @@ class SchedulerConfig:
     max_model_len: int = 2048
     scheduling_policy: str = "fcfs"
     preemption_mode: str = "recompute"
+    max_queue_wait_ms: float | None = None  # refuse requests waiting longer (no token yet)
 
     def __post_init__(self):
-        if self.scheduling_policy not in POLICIES:
-            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} is not supported; "
-                             f"choose one of {', '.join(POLICIES)}")
+        resolve_policy(self.scheduling_policy)  # raises ValueError naming the value
+        if self.max_queue_wait_ms is not None and not self.max_queue_wait_ms > 0:
+            raise ValueError(f"max_queue_wait_ms={self.max_queue_wait_ms} must be positive")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode={self.preemption_mode!r} is not supported; "
                              f"choose one of {', '.join(PREEMPTION_MODES)}")
@@ -60,9 +70,14 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, clock=time.time):
         self.config = config
         self.kv = kv
+        # The clock of arrival times and deadlines (tests inject a fake one).
+        self.clock = clock
+        self.estimator = PrefillEstimator()
+        self.policy = resolve_policy(config.scheduling_policy)(self.estimator)
+        self._timed = False  # some request ever had a deadline
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -85,6 +100,11 @@ class Scheduler:
         if req.sampling_params.n > self.config.max_num_seqs:
             raise ValueError(f"n={req.sampling_params.n} is over max_num_seqs="
                              f"{self.config.max_num_seqs}")
+        why = self.policy.refuse(req, self.clock())
+        if why is not None:
+            raise RequestRefused(req.group_id, why, max(
+                self.estimator.seconds(self._queued_tokens()), 1.0))
+        self._timed |= req.deadline is not None or req.ttft_deadline is not None
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -111,9 +131,7 @@ class Scheduler:
         (never one whose fork is pending: its siblings need its blocks)."""
         candidates = [r for r in self.running if r.request_id not in exclude
                       and (r.forked or not r.num_output_placeholders)]
-        if self.config.scheduling_policy == "priority":
-            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
-        return candidates[-1]
+        return self.policy.victim(candidates, self.clock())
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
@@ -133,15 +151,51 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _next_waiting(self) -> Request:
-        if self.config.scheduling_policy == "priority":
-            return min(self.waiting, key=lambda r: (r.priority, r.arrival_time))
-        return self.waiting[0]
+        return self.policy.next_waiting(self.waiting, self.clock())
+
+    def _refusal(self, req: Request, now: float) -> str | None:
+        """Why a waiting request without a token must be refused now, if it must."""
+        if req.deadline is not None and now >= req.deadline:
+            return "its deadline passed while it waited"
+        if req.ttft_deadline is not None and now >= req.ttft_deadline:
+            return "its time-to-first-token SLO passed while it waited"
+        wait = self.config.max_queue_wait_ms
+        if wait is not None and (now - req.arrival_time) * 1000 >= wait:
+            return f"it waited max_queue_wait_ms={wait:g}"
+        return self.policy.refuse(req, now)
+
+    def _apply_deadlines(self, out: SchedulerOutput, now: float) -> None:
+        """End running requests past their deadline; refuse waiting ones that
+        cannot make theirs (a preempted one with output ends like a running one)."""
+        if not self._timed and self.config.max_queue_wait_ms is None \
+                and type(self.policy).refuse is FCFSPolicy.refuse:
+            return  # nothing can expire or be refused
+        for req in list(self.running) + list(self.waiting):
+            if req.status.finished:
+                continue
+            started = req.num_output_tokens + req.num_output_placeholders > 0
+            if req.deadline is not None and now >= req.deadline and (
+                    started or req.status != RequestStatus.WAITING or req.num_preemptions):
+                req.stop_reason = "deadline"
+                self.finish_requests([req.request_id], RequestStatus.FINISHED_LENGTH)
+                out.expired.append(req)
+            elif not started and req.status == RequestStatus.WAITING and req.num_preemptions == 0:
+                why = self._refusal(req, now)
+                if why is not None:
+                    wait = max(self.estimator.seconds(self._queued_tokens()), 1.0)
+                    self.finish_requests([req.request_id], RequestStatus.FINISHED_ABORTED)
+                    req.stop_reason = "refused"
+                    out.refused.append((req, RequestRefused(req.group_id, why, wait)))
+
+    def _queued_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
-        now = time.time()  # wall clock, as RequestMetrics.arrival_time
+        now = self.clock()
+        self._apply_deadlines(out, now)
 
         i = 0
         while i < len(self.running) and budget > 0:
