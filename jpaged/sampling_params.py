@@ -50,6 +50,15 @@ class SamplingParams:
     # waiting one is refused) and produce the first token by ttft_slo_ms.
     deadline_ms: float | None = None
     ttft_slo_ms: float | None = None
+    # Logits processors (jpaged.sample.logits_processors): OpenAI's logit_bias
+    # ({token id: bias in [-100, 100]}), vLLM's allowed_token_ids and
+    # bad_words (strings), and registered user processors by name -> argument.
+    logit_bias: dict | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logits_processors: dict | None = None
+    # Filled by the engine: each enabled processor's packed row parameters.
+    processor_rows: dict = field(default_factory=dict, repr=False)
     # Filled by the engine: the model's EOS ids (unless ignore_eos).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -106,6 +115,19 @@ class SamplingParams:
         for name in ("deadline_ms", "ttft_slo_ms"):
             if getattr(self, name) is not None and not number(name) > 0:
                 bad(name, "must be a positive number of milliseconds")
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            bad("logit_bias", "must map token ids to biases")
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids,
+                                                                 (list, tuple)):
+            bad("allowed_token_ids", "must be a list of token ids")
+        if self.bad_words is not None and not (
+                isinstance(self.bad_words, (list, tuple))
+                and all(isinstance(w, str) and w for w in self.bad_words)):
+            bad("bad_words", "must be a list of non-empty strings")
+        if self.logits_processors is not None and not (
+                isinstance(self.logits_processors, dict)
+                and all(isinstance(k, str) for k in self.logits_processors)):
+            bad("logits_processors", "must map processor names to their arguments")
         if self.output_kind not in OUTPUT_KINDS:
             bad("output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}")
         if not all(isinstance(s, str) and s for s in self.stop):

@@ -61,6 +61,9 @@ class EngineConfig:
     max_logprobs: int = _opt(20, "largest logprobs a request may ask for")
     async_scheduling: bool = _opt(
         True, "dispatch step N+1 before reading step N's tokens (overlaps host and device)")
+    # Logits processors to register (instances, classes, "module:Class" or
+    # entry point names of group jpaged.logits_processors); Python API only.
+    logits_processors: tuple | None = _opt(None, "", cli=False)
     # Compile every step bucket at start-up (serving). False compiles on first
     # use instead: quicker starts for scripts that touch few shapes.
     compile_all_buckets: bool = _opt(True, "", cli=False)

@@ -38,6 +38,7 @@ from jpaged.model_loader.loader import load_model
 from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.outputs import RequestMetrics, RequestOutput
 from jpaged.runner.model_runner import ModelRunner, RunnerConfig, kv_bytes_per_block
+from jpaged.sample.logits_processors import resolve_processors
 from jpaged.sampling_params import SamplingParams
 from jpaged.sched import Request, RequestStatus, Scheduler, SchedulerConfig
 from jpaged.tokenizer import load_tokenizer
@@ -112,13 +113,16 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={max_tokens} must be at least "
                              f"max_num_seqs={config.max_num_seqs}")
         per_block = kv_bytes_per_block(mc, config.block_size, backend)
+        self.logits_processors = resolve_processors(config.logits_processors, mc.vocab_size)
+        self._processors_by_name = {p.name: p for p in self.logits_processors}
 
         def runner_config(num_blocks: int, num_host: int = 0) -> RunnerConfig:
             return RunnerConfig(
                 num_blocks=num_blocks, block_size=config.block_size,
                 max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
                 max_model_len=max_model_len, backend=backend,
-                max_logprobs=config.max_logprobs, num_host_blocks=num_host)
+                max_logprobs=config.max_logprobs, num_host_blocks=num_host,
+                logits_processors=self.logits_processors)
 
         num_blocks = self._num_blocks(
             per_block, lambda: ModelRunner(mc, graphdef, params, runner_config(2),
@@ -222,6 +226,7 @@ class LLMEngine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority={priority!r} must be an integer")
         params = params.clone()
+        params.processor_rows = self._processor_rows(params)
         params.all_stop_token_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             params.all_stop_token_ids |= self.eos_token_ids
@@ -244,6 +249,39 @@ class LLMEngine:
         self.scheduler.add_request(req)  # raises on max_model_len / cache size
         self.output.add(RequestState(request_id, text, ids, params,
                                      RequestMetrics(arrival_time=now), samples=[req]))
+
+    def _processor_rows(self, sp: SamplingParams) -> dict:
+        """Pack the row parameters of every processor ``sp`` enables (ValueError
+        for an unknown name or a bad argument)."""
+        args = {}
+        if sp.logit_bias:
+            args["logit_bias"] = sp.logit_bias
+        if sp.allowed_token_ids is not None:
+            args["allowed_token_ids"] = sp.allowed_token_ids
+        if sp.bad_words:
+            words = []  # as vLLM: each word alone and after a space
+            for w in sp.bad_words:
+                for text in (w, " " + w.lstrip()):
+                    ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+                    if ids and ids not in words:
+                        words.append(ids)
+            args["bad_words"] = words
+        for name, arg in (sp.logits_processors or {}).items():
+            if name in args:
+                raise ValueError(f"logits processor {name!r} is enabled twice")
+            args[name] = arg
+        rows = {}
+        for name, arg in args.items():
+            proc = self._processors_by_name.get(name)
+            if proc is None:
+                raise ValueError(f"logits_processors: {name!r} is not registered (registered: "
+                                 f"{', '.join(self._processors_by_name)})")
+            row = np.asarray(proc.row_params(arg, self.model_config.vocab_size), np.int32)
+            if row.shape != (proc.num_params,):
+                raise ValueError(f"logits processor {name!r}: row_params returned shape "
+                                 f"{row.shape}, not ({proc.num_params},)")
+            rows[name] = row
+        return rows
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

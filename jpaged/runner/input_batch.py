@@ -38,7 +38,7 @@ class BuiltStep:
 
 class InputBatch:
     def __init__(self, max_num_seqs: int, max_model_len: int, max_blocks_per_seq: int,
-                 block_size: int, num_blocks: int, vocab_size: int):
+                 block_size: int, num_blocks: int, vocab_size: int, processors: tuple = ()):
         r = max_num_seqs
         self.max_num_seqs, self.block_size, self.num_blocks = r, block_size, num_blocks
         self.vocab_size = vocab_size
@@ -61,6 +61,10 @@ class InputBatch:
         self.filtered = np.zeros(r, bool)
         self.random = np.zeros(r, bool)
         self.logprobs = np.zeros(r, bool)
+        # Logits processors: per-row parameters and whether the row enabled each.
+        self.processors = processors
+        self.proc_params = [np.zeros((r, p.num_params), np.int32) for p in processors]
+        self.proc_on = [np.zeros(r, bool) for _ in processors]
 
     # ------------------------------------------------------------ rows
     def release(self, req_ids) -> None:
@@ -98,6 +102,11 @@ class InputBatch:
         self.random[row] = not sp.greedy
         self.filtered[row] = (not sp.greedy) and (sp.top_k > 0 or sp.top_p < 1 or sp.min_p > 0)
         self.logprobs[row] = sp.logprobs is not None
+        rows = sp.processor_rows  # packed by the engine at add_request
+        for p, params, on in zip(self.processors, self.proc_params, self.proc_on):
+            on[row] = p.name in rows
+            if on[row]:
+                params[row] = rows[p.name]
         return row
 
     # ------------------------------------------------------------ a step
@@ -147,7 +156,7 @@ class InputBatch:
         t = bucket_fn(max(total, total_rows))
         s = min(t, self.max_num_seqs)
         assert total_rows <= s and n <= s
-        layout = StepLayout(t, s, t + s, s, MAX_BANNED)
+        layout = StepLayout(t, s, t + s, s, MAX_BANNED, self.processors)
         buf = np.zeros(layout.size, np.int32)
         v = layout.views(buf)
         decode_only = pallas and bool((num_new == 1).all()) and total_rows == n
@@ -212,4 +221,7 @@ class InputBatch:
         v["banned"][:total_rows][ban] = self.banned[r[ban]]
         v["flags"][:] = (self.penalized[r].any(), self.filtered[r].any(), self.logprobs[r].any(),
                          self.random[r].any())
+        for p, params, on in zip(self.processors, self.proc_params, self.proc_on):
+            v[f"lp.{p.name}"][:total_rows] = params[r]
+            v[f"lpon.{p.name}"][:total_rows] = on[r]
         return BuiltStep(layout, buf, decode_only, soff, full, penalty_rows)

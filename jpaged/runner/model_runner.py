@@ -70,6 +70,7 @@ class RunnerConfig:
     backend: str  # resolved: "reference" | "pallas"
     max_logprobs: int = 20
     num_host_blocks: int = 0
+    logits_processors: tuple = ()  # jpaged.sample.logits_processors, checked
 
 
 class StepHandle:
@@ -99,7 +100,7 @@ class ModelRunner:
                           for _ in range(model_cfg.num_hidden_layers)]
         r = cfg.max_num_seqs
         self.batch = InputBatch(r, cfg.max_model_len, self.max_blocks_per_seq, cfg.block_size,
-                                cfg.num_blocks, model_cfg.vocab_size)
+                                cfg.num_blocks, model_cfg.vocab_size, cfg.logits_processors)
         self.block_table = jnp.zeros((r, self.max_blocks_per_seq), jnp.int32)
         self.token_table = jnp.zeros((r, cfg.max_model_len), jnp.int32)
         self.last_tokens = jnp.zeros((r,), jnp.int32)
@@ -137,7 +138,8 @@ class ModelRunner:
         model = nnx.merge(self.graphdef, params)
         hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md)
         logits = model.compute_logits(hidden[inp.logits_indices])  # [S, V]
-        results = sample(logits, inp.sampling, token_table, self.cfg.max_logprobs)
+        results = sample(logits, inp.sampling, token_table, self.cfg.max_logprobs,
+                         self.cfg.logits_processors, inp.processors)
         last_tokens = last_tokens.at[inp.sampling.token_rows].set(results[0], mode="drop")
         return kv_caches, block_table, token_table, last_tokens, results
 
@@ -172,7 +174,7 @@ class ModelRunner:
 
     def _empty_layout(self, t: int) -> StepLayout:
         s = min(t, self.cfg.max_num_seqs)
-        return StepLayout(t, s, t + s, s, MAX_BANNED)
+        return StepLayout(t, s, t + s, s, MAX_BANNED, self.cfg.logits_processors)
 
     def _empty_buf(self, layout: StepLayout) -> np.ndarray:
         """A step that computes nothing: every token and update is padding."""

@@ -4,8 +4,8 @@ One row per sample to draw (a request's last scheduled token; ``n``
 parallel samples of a prompt are ``n`` rows over the same hidden state).
 Order of operations, as in vLLM: penalties on the raw logits (repetition
 over prompt and output tokens; presence and frequency over output tokens),
-``min_tokens`` bans, then greedy rows take the argmax and the others divide
-by their temperature, apply top-k, top-p and min-p, and draw with the Gumbel
+``min_tokens`` bans, the logits processors (`logits_processors`), then
+greedy rows take the argmax and the others divide by their temperature, apply top-k, top-p and min-p, and draw with the Gumbel
 trick from a key that depends only on the row's seed, its sample index and
 how many tokens it has generated: a request samples the same tokens alone or
 in any batch. Logprobs are those of the raw model distribution.
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+from jpaged.sample.logits_processors import ProcessorContext, apply_processors
 
 
 @jax.tree_util.register_dataclass
@@ -96,6 +98,8 @@ def sample(
     md: SamplingMetadata,
     token_table: jax.Array,  # [R, max_model_len] i32 per-row token history
     num_logprobs: int,
+    processors: tuple = (),
+    processor_inputs: tuple = (),
 ):
     """Returns (tokens [S], sampled logprob [S], rank [S], top ids [S, K], top logprobs [S, K])."""
     num_rows, vocab = logits.shape
@@ -104,6 +108,9 @@ def sample(
                      lambda l: l, logits)
     rows = jnp.arange(num_rows)[:, None]
     x = x.at[rows, md.banned].set(-jnp.inf, mode="drop")
+    if processors:
+        ctx = ProcessorContext(token_table, md.token_rows, md.prompt_len + md.output_len)
+        x = apply_processors(x, processors, processor_inputs, ctx)
     greedy = md.temperature <= 1e-5
     greedy_tokens = jnp.argmax(x, axis=-1)
     x = x / jnp.where(greedy, 1.0, md.temperature)[:, None]
