@@ -12,7 +12,13 @@ their ratio, the share of allocated KV slots holding tokens at the busiest
 step, and the peak number of concurrent sequences against what a contiguous
 ``max_model_len`` allocation of the same KV memory would hold.
 
+``--peer vllm`` measures the real vLLM's CPU build instead (in its own venv,
+made by scripts/setup_vllm_peer.sh; one engine at a time), and ``--workload``
+picks the decode-heavy ShareGPT-like load, a prefill-heavy one, or one with a
+shared 640-token prefix.
+
 Example: python scripts/bench_throughput.py --num-prompts 128
+         python scripts/bench_throughput.py --workload prefill --num-prompts 96 --peer vllm
 """
 
 from __future__ import annotations
@@ -37,18 +43,61 @@ def workload(n, scale, seed, vocab, max_len):
     return prompts, [int(o) for o in o_lens]
 
 
-def bench_jpaged(model, prompts, out_lens, args):
+def prefill_workload(n, seed, vocab, prompt_len=660, out_len=16, shared=0):
+    """``n`` prompts of about ``prompt_len`` tokens (+-10%), ``out_len`` out each;
+    the first ``shared`` tokens are the same in every prompt."""
+    rng = np.random.default_rng(seed)
+    prefix = [int(t) for t in rng.integers(10, vocab - 1, shared)]
+    lens = rng.integers(int(prompt_len * 0.9), int(prompt_len * 1.1) + 1, n) - shared
+    prompts = [prefix + [int(t) for t in rng.integers(10, vocab - 1, max(4, k))] for k in lens]
+    return prompts, [out_len] * n
+
+
+WORKLOADS = ("sharegpt", "prefill", "shared-prefix")
+
+
+def bench_vllm(model, prompts, out_lens, args, prefix_caching):
+    """The same prompts through vLLM's CPU build, in its own venv and process."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    python = args.vllm_python or os.path.join(os.path.dirname(here), ".venv-vllm", "bin",
+                                              "python")
+    if not os.path.exists(python):
+        raise SystemExit(f"no vLLM peer at {python}: run scripts/setup_vllm_peer.sh")
+    spec = dict(model=os.path.abspath(model), prompts=prompts, out_lens=out_lens,
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                prefix_caching=prefix_caching)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    venv = os.path.dirname(os.path.dirname(python))
+    preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                           os.path.join(venv, "lib", "libiomp5.so")) if os.path.exists(p)]
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}",
+               VLLM_CPU_KVCACHE_SPACE="4", LD_PRELOAD=":".join(preload))
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([python, os.path.join(here, "vllm_peer.py"), f.name], env=env,
+                         capture_output=True, text=True, cwd="/", check=False)
+    os.unlink(f.name)
+    if out.returncode:
+        raise SystemExit(f"vLLM peer failed:\n{out.stderr[-4000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return res["elapsed"], res["tokens"]
+
+
+def bench_jpaged(model, prompts, out_lens, args, prefix_caching=True):
     from jpaged import LLM, SamplingParams
 
     llm = LLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-              kv_cache_memory=args.kv_cache_memory)
+              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=prefix_caching)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in out_lens]
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     assert [len(o.outputs[0].token_ids) for o in outs] == out_lens
-    return llm.llm_engine, elapsed
+    return llm.llm_engine, elapsed, [o.outputs[0].token_ids for o in outs]
 
 
 def bench_hf(model, prompts, out_lens, batch_size):
@@ -87,6 +136,14 @@ def main():
     ap.add_argument("--kv-cache-memory", type=int, default=128 << 20)
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--workload", choices=WORKLOADS, default="sharegpt",
+                    help="sharegpt: decode-heavy; prefill: ~660-token prompts, 16 out, prefix "
+                    "caching off; shared-prefix: the same with a 640-token shared prefix, "
+                    "caching on")
+    ap.add_argument("--peer", choices=["hf", "vllm"], default="hf",
+                    help="what jpaged is measured against in the same run")
+    ap.add_argument("--vllm-python", default=None,
+                    help="the peer venv's python (default .venv-vllm/bin/python)")
     args = ap.parse_args()
 
     model = args.model
@@ -100,24 +157,40 @@ def main():
                             num_key_value_heads=2, max_position_embeddings=4096)
     with open(os.path.join(model, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
-    prompts, out_lens = workload(args.num_prompts, args.length_scale, args.seed, vocab,
-                                 args.max_model_len)
+    caching = True
+    if args.workload == "sharegpt":
+        prompts, out_lens = workload(args.num_prompts, args.length_scale, args.seed, vocab,
+                                     args.max_model_len)
+    else:
+        shared = 640 if args.workload == "shared-prefix" else 0
+        caching = bool(shared)
+        prompts, out_lens = prefill_workload(args.num_prompts, args.seed, vocab, shared=shared)
     n_out, n_in = sum(out_lens), sum(map(len, prompts))
-    print(f"workload: {len(prompts)} requests, {n_in} prompt tokens (mean "
-          f"{n_in / len(prompts):.0f}), {n_out} output tokens (mean {n_out / len(prompts):.0f})")
+    print(f"workload {args.workload}: {len(prompts)} requests, {n_in} prompt tokens (mean "
+          f"{n_in / len(prompts):.0f}), {n_out} output tokens (mean {n_out / len(prompts):.0f}); "
+          f"prefix caching {'on' if caching else 'off'}")
 
-    engine, t_j = bench_jpaged(model, prompts, out_lens, args)
+    engine, t_j, j_tokens = bench_jpaged(model, prompts, out_lens, args, caching)
     j_tps = n_out / t_j
     per_tok = engine.runner.cfg
     contiguous = (per_tok.num_blocks - 1) * per_tok.block_size // args.max_model_len
     util, _ = engine.peak_slot_utilization
     print(f"jpaged: {t_j:.2f}s, {j_tps:.1f} output tokens/s, "
-          f"{len(prompts) / t_j:.2f} requests/s")
+          f"{(n_in + n_out) / t_j:.1f} total tokens/s, {len(prompts) / t_j:.2f} requests/s")
     print(f"jpaged KV: {per_tok.num_blocks - 1} blocks of {per_tok.block_size}; share of "
           f"allocated slots holding tokens at the busiest step: {util:.1%}; peak concurrent "
           f"sequences {engine.peak_num_running} vs {contiguous} with contiguous "
           f"max_model_len={args.max_model_len} allocation; preemptions "
           f"{engine.get_stats().num_preemptions}; compiles {engine.runner.num_compiles}")
+    del engine
+    if args.peer == "vllm":
+        t_v, v_tokens = bench_vllm(model, prompts, out_lens, args, caching)
+        same = sum(a == b for a, b in zip(j_tokens, v_tokens))
+        print(f"vLLM-CPU: {t_v:.2f}s, {n_out / t_v:.1f} output tokens/s, "
+              f"{(n_in + n_out) / t_v:.1f} total tokens/s; identical greedy outputs "
+              f"{same}/{len(prompts)}")
+        print(f"ratio jpaged / vLLM (throughput): {t_v / t_j:.2f}x")
+        return
     if args.skip_hf:
         return
     t_h, generated = bench_hf(model, prompts, out_lens, args.hf_batch_size)

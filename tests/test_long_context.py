@@ -69,32 +69,3 @@ def test_100k_prompt_in_exactly_the_blocks_it_needs(long_thin_dir, block_size):
     assert rss_gib < 8, rss_gib
     assert eng.kv.num_free_blocks == eng.kv.num_blocks - 1
 
-
-@pytest.mark.parametrize("sliding_window", [None, 40])
-def test_tiled_prefill_attention_equals_reference(sliding_window):
-    import jax.numpy as jnp
-
-    from jpaged.layers.attention_cpu import tiled_prefill_attention
-    from jpaged.pallas_kernels.attention.reference import ragged_paged_attention_reference
-
-    rng = np.random.default_rng(0)
-    bs, nb, kvh, heads, d, t = 16, 200, 2, 4, 16, 512
-    kc = jnp.asarray(rng.normal(size=(nb, bs, kvh, d)), jnp.float32)
-    vc = jnp.asarray(rng.normal(size=(nb, bs, kvh, d)), jnp.float32)
-    # A long prefill, a decode, a partial chunk over cached context, padding.
-    ctx = np.array([300, 5, 1, 700, 0, 0], np.int32)
-    q_len = np.array([300, 5, 1, 130, 0, 0])
-    qsl = np.concatenate([[0], np.cumsum(q_len)]).astype(np.int32)
-    tables = np.zeros((6, 50), np.int32)
-    for s in range(6):
-        k = -(-ctx[s] // bs)
-        tables[s, :k] = rng.permutation(np.arange(1, nb))[:k]
-    q = jnp.asarray(rng.normal(size=(t, heads, d)), jnp.float32)
-    args = (q, kc, vc, jnp.asarray(tables), jnp.asarray(ctx), jnp.asarray(qsl))
-    got = np.asarray(tiled_prefill_attention(*args, scale=0.25, sliding_window=sliding_window,
-                                             q_tile=64, kv_chunk=64))
-    want = np.asarray(ragged_paged_attention_reference(*args, scale=0.25,
-                                                       sliding_window=sliding_window))
-    n = qsl[-1]
-    np.testing.assert_allclose(got[:n], want[:n], atol=2e-6)
-    assert not got[n:].any()  # padding tokens: zeros

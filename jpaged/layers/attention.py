@@ -7,7 +7,8 @@ Every attention layer of a step does two things, in this order:
    an out-of-range slot and are dropped), and
 2. attend each query token to its sequence's cached K/V through the block
    table, with the backend named in the metadata: ``reference`` (pure jnp,
-   the oracle and the CPU default) or ``pallas`` (the kernels in
+   the oracle's form in `jpaged.layers.attention_cpu`, tiled for prefill;
+   the CPU default) or ``pallas`` (the kernels in
    `jpaged.pallas_kernels`, interpreted on CPU).
 
 The KV cache of one layer is ``(k_cache, v_cache)``, each
@@ -23,14 +24,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jpaged.layers.attention_cpu import tiled_prefill_attention
-from jpaged.pallas_kernels.attention import reference
+from jpaged.layers.attention_cpu import cpu_paged_attention
 
 BACKENDS = ("auto", "reference", "pallas")
-# Steps of at least this many tokens (prefill chunks) attend in query tiles on
-# the reference backend (layers/attention_cpu.py); decode-sized steps keep the
-# per-token chunked walk, which wastes nothing on one-token queries.
-TILED_MIN_TOKENS = 256
 
 
 def resolve_backend(name: str) -> str:
@@ -97,15 +93,11 @@ def paged_attention(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Write this step's K/V, then attend. Returns ``(out [T, H, D], kv_cache)``."""
     k_cache, v_cache = write_kv(*kv_cache, k, v, md.slot_mapping)
-    if md.backend == "reference" and q.shape[0] >= TILED_MIN_TOKENS:
-        out = tiled_prefill_attention(
-            q, k_cache, v_cache, md.block_tables, md.context_lens, md.query_start_loc,
-            scale=scale, sliding_window=sliding_window)
-    elif md.backend == "reference":
-        out = reference.ragged_paged_attention_chunked(
+    if md.backend == "reference":
+        out = cpu_paged_attention(
             q, k_cache, v_cache, md.block_tables, md.context_lens, md.query_start_loc,
             scale=scale, sliding_window=sliding_window,
-            chunk_tokens=reference_chunk_tokens(q.shape[0], k_cache.shape[1]))
+            decode_chunk=reference_chunk_tokens(q.shape[0], k_cache.shape[1]))
     elif md.backend == "pallas":
         interpret = jax.default_backend() != "gpu"
         if md.decode_only:

@@ -1,15 +1,15 @@
-"""Prefill attention for the CPU reference backend, in query tiles.
+"""Paged attention for the reference backend, tiled by query for prefill.
 
-`reference.ragged_paged_attention_chunked` gathers each query token's own
-copy of every context chunk, so a prefill chunk of ``T`` tokens over a
-context of ``L`` moves ``T x L`` K/V rows: at 100k tokens of context that is
-hours on a CPU. Here the step's tokens are cut into tiles of ``q_tile``
-consecutive tokens of one sequence (a sequence's query range never shares a
-tile with another's); a tile gathers each context chunk of its sequence once
-and attends all its queries to it with one matmul, walking only the chunks
-its causal range reaches (online softmax). K/V traffic falls by ``q_tile``
-and the causal half is skipped. Same contract and results as the reference
-(to float rounding); `paged_attention` uses it for steps of many tokens.
+`ragged_paged_attention_chunked` (the oracle's CPU form) gathers K and V for
+every query token: a 512-token prefill chunk reads its sequence's context 512
+times and multiplies it one token (a few head rows) at a time. Here the query
+tokens of a sequence are cut into tiles of ``q_tile`` tokens; each tile
+gathers its sequence's K/V once per context chunk and multiplies
+``q_tile x group`` rows at once, with the same online softmax and causal mask
+(offset ``context_len - query_len``). Steps in which every sequence has one
+query token (pure decode) keep the per-token form, where tiles would only
+add padding; `lax.cond` picks at run time, so one compiled step serves both.
+Tested against the oracle in tests/test_attention_cpu.py.
 """
 
 from __future__ import annotations
@@ -17,16 +17,80 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-Q_TILE = 128  # query tokens per tile
-KV_CHUNK = 512  # context tokens per inner step
+from jpaged.pallas_kernels.attention.reference import ragged_paged_attention_chunked
 
 
-def num_tiles(num_tokens: int, num_seqs: int, q_tile: int = Q_TILE) -> int:
-    """Static bound on the tiles of a step: every sequence may end a tile early."""
-    return num_tokens // q_tile + num_seqs
+def _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, *,
+                   scale, sliding_window, q_tile, chunk_tokens):
+    """Attention of every sequence with more than one query token, a tile of
+    ``q_tile`` of its tokens at a time (a loop with a run-time trip count:
+    the step's real tiles only), each tile over the context chunks its
+    causal mask reaches. Writes the tiles' rows of ``out`` ([T + q_tile, H, D])."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    group = num_heads // num_kv_heads
+    bpc = max(1, chunk_tokens // block_size)
+    chunk = bpc * block_size
+    rows = q_tile * group
+    q_len = query_start_loc[1:] - query_start_loc[:-1]  # [S]
+    tiles = jnp.where(q_len > 1, (q_len + q_tile - 1) // q_tile, 0)
+    cum = jnp.cumsum(tiles)
+    qp = jnp.pad(q, ((0, q_tile), (0, 0), (0, 0)))
+    bt = jnp.pad(block_tables, ((0, 0), (0, -max_blocks % bpc + bpc)))
+    offs = jnp.arange(q_tile)
+
+    def tile(j, out):
+        seq = jnp.searchsorted(cum, j, side="right")
+        local = j - (cum[seq] - tiles[seq])
+        first = query_start_loc[seq] + local * q_tile
+        n_in = jnp.minimum(q_len[seq] - local * q_tile, q_tile)
+        ctx = context_lens[seq]
+        pos = ctx - q_len[seq] + local * q_tile + offs  # [Q]
+        row_pos = jnp.repeat(pos, group)  # [Q * g], rows ordered (token, head in group)
+        row_ok = jnp.repeat(offs < n_in, group)
+        qt = jax.lax.dynamic_slice_in_dim(qp, first, q_tile)  # [Q, H, D]
+        qt = qt.reshape(q_tile, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+        qt = qt.reshape(num_kv_heads, rows, head_dim).astype(jnp.float32) * scale
+        blocks = bt[seq]
+
+        def body(i, carry):
+            m, l, acc = carry  # [kvh, R], [kvh, R], [kvh, R, D]
+            cols = jax.lax.dynamic_slice_in_dim(blocks, i * bpc, bpc)
+            k = k_cache[cols].reshape(chunk, num_kv_heads, head_dim).transpose(1, 0, 2)
+            v = v_cache[cols].reshape(chunk, num_kv_heads, head_dim).transpose(1, 0, 2)
+            s = jnp.einsum("krd,kcd->krc", qt, k.astype(jnp.float32))
+            kv_pos = i * chunk + jnp.arange(chunk)
+            mask = (kv_pos[None, :] <= row_pos[:, None]) & (kv_pos[None, :] < ctx) \
+                & row_ok[:, None]
+            if sliding_window is not None:
+                mask &= kv_pos[None, :] > row_pos[:, None] - sliding_window
+            s = jnp.where(mask[None], s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - m_safe[..., None])
+            corr = jnp.exp(jnp.where(jnp.isfinite(m), m, 0.0) - m_safe)
+            l = l * corr + jnp.sum(p, axis=-1)
+            acc = acc * corr[..., None] + jnp.einsum("krc,kcd->krd", p, v.astype(jnp.float32))
+            return m_new, l, acc
+
+        shape = (num_kv_heads, rows)
+        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(shape + (head_dim,), jnp.float32))
+        lo = 0 if sliding_window is None else jnp.maximum(0, pos[0] - sliding_window + 1) // chunk
+        hi = (jnp.minimum(pos[n_in - 1] + 1, ctx) + chunk - 1) // chunk  # causal reach
+        _, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+        res = acc / jnp.where(l == 0, 1.0, l)[..., None]  # [kvh, Q * g, D]
+        res = res.reshape(num_kv_heads, q_tile, group, head_dim).transpose(1, 0, 2, 3)
+        res = jnp.where((offs < n_in)[:, None, None, None], res, 0.0)
+        # Rows past n_in belong to the next tile (written after) or are padding.
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, res.reshape(q_tile, num_heads, head_dim).astype(out.dtype), first, axis=0)
+
+    return jax.lax.fori_loop(0, cum[-1], tile, out)
 
 
-def tiled_prefill_attention(
+def cpu_paged_attention(
     q: jax.Array,  # [T, num_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -35,79 +99,45 @@ def tiled_prefill_attention(
     query_start_loc: jax.Array,  # [S + 1] int32
     *,
     scale: float,
-    soft_cap: float | None = None,
     sliding_window: int | None = None,
-    q_tile: int = Q_TILE,
-    kv_chunk: int = KV_CHUNK,
+    decode_chunk: int = 64,
+    q_tile: int = 32,
+    chunk_tokens: int = 256,
 ) -> jax.Array:  # [T, num_heads, head_dim]
+    """Sequences with one query token (decodes) in per-token chunks, the
+    others (prefill chunks) in tiles; the reference's contract and results.
+    A step of decodes only skips the tiles altogether."""
     num_tokens, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    num_seqs, max_blocks = block_tables.shape
-    group = num_heads // num_kv_heads
-    bpc = max(1, kv_chunk // block_size)
-    chunk = bpc * block_size
-    tables = jnp.pad(block_tables, ((0, 0), (0, -max_blocks % bpc)))
+    num_seqs = block_tables.shape[0]
+    q_len = query_start_loc[1:] - query_start_loc[:-1]
 
-    # Tiles: sequence s owns ceil(q_len[s] / q_tile) consecutive tiles.
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    tiles_per_seq = (q_lens + q_tile - 1) // q_tile
-    tile_end = jnp.cumsum(tiles_per_seq)
-    nt = num_tiles(num_tokens, num_seqs, q_tile)
-    tile_ids = jnp.arange(nt, dtype=jnp.int32)
-    tile_seq = jnp.searchsorted(tile_end, tile_ids, side="right").astype(jnp.int32)
-    tile_valid = tile_seq < num_seqs
-    seq = jnp.minimum(tile_seq, num_seqs - 1)
-    first = query_start_loc[seq] + (tile_ids - (tile_end[seq] - tiles_per_seq[seq])) * q_tile
-    rows = first[:, None] + jnp.arange(q_tile)[None, :]  # [NT, Qt] token indices
-    row_valid = tile_valid[:, None] & (rows < query_start_loc[seq + 1][:, None])
-    start_pos = context_lens[seq] - q_lens[seq]  # position of the sequence's first query
-    pos = start_pos[:, None] + rows - query_start_loc[seq][:, None]  # [NT, Qt]
-    last_pos = jnp.max(jnp.where(row_valid, pos, -1), axis=1)  # [NT]
-    first_pos = jnp.min(jnp.where(row_valid, pos, jnp.iinfo(jnp.int32).max), axis=1)
+    def all_decode(q):
+        return ragged_paged_attention_chunked(
+            q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale=scale,
+            sliding_window=sliding_window, chunk_tokens=decode_chunk)
 
-    qs = q.astype(jnp.float32) * scale
+    def mixed(q):
+        return _mixed(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                      q_len, scale=scale, sliding_window=sliding_window,
+                      decode_chunk=decode_chunk, q_tile=q_tile, chunk_tokens=chunk_tokens)
 
-    def one_tile(args):
-        s, r, rv, p, lo, hi = args
-        qt = qs[jnp.where(rv, r, 0)].reshape(q_tile, num_kv_heads, group, head_dim)
-        qt = jnp.transpose(qt, (1, 2, 0, 3))  # [kvh, g, Qt, D]
+    return jax.lax.cond(jnp.max(q_len) <= 1, all_decode, mixed, q)
 
-        def body(c, carry):
-            m, l, acc = carry  # [kvh, g, Qt], [kvh, g, Qt], [kvh, g, Qt, D]
-            cols = jax.lax.dynamic_slice_in_dim(tables[s], c * bpc, bpc)  # [bpc]
-            k = k_cache[cols].reshape(chunk, num_kv_heads, head_dim)
-            v = v_cache[cols].reshape(chunk, num_kv_heads, head_dim)
-            k = jnp.transpose(k, (1, 0, 2)).astype(jnp.float32)  # [kvh, chunk, D]
-            v = jnp.transpose(v, (1, 0, 2)).astype(jnp.float32)
-            sc = jnp.einsum("kgqd,kcd->kgqc", qt, k)
-            if soft_cap is not None:
-                sc = soft_cap * jnp.tanh(sc / soft_cap)
-            kv_pos = c * chunk + jnp.arange(chunk)[None, :]
-            mask = (kv_pos <= p[:, None]) & rv[:, None]
-            if sliding_window is not None:
-                mask &= kv_pos > p[:, None] - sliding_window
-            sc = jnp.where(mask[None, None], sc, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            pr = jnp.exp(sc - m_safe[..., None])
-            corr = jnp.exp(jnp.where(jnp.isfinite(m), m, 0.0) - m_safe)
-            l = l * corr + jnp.sum(pr, axis=-1)
-            acc = acc * corr[..., None] + jnp.einsum("kgqc,kcd->kgqd", pr, v)
-            return m_new, l, acc
 
-        shape = (num_kv_heads, group, q_tile)
-        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros(shape + (head_dim,), jnp.float32))
-        c0 = jnp.int32(0)
-        if sliding_window is not None:
-            c0 = jnp.maximum(lo - sliding_window + 1, 0) // chunk
-        c1 = jnp.where(hi >= 0, hi // chunk + 1, 0)  # invalid tiles: no trips
-        _, l, acc = jax.lax.fori_loop(jnp.minimum(c0, c1), c1, body, init)
-        out = acc / jnp.where(l == 0, 1.0, l)[..., None]
-        return jnp.transpose(out, (2, 0, 1, 3)).reshape(q_tile, num_heads, head_dim)
-
-    outs = jax.lax.map(one_tile, (seq, rows, row_valid, pos, first_pos, last_pos))
-    dest = jnp.where(row_valid, rows, num_tokens).reshape(-1)
-    out = jnp.zeros((num_tokens, num_heads, head_dim), jnp.float32)
-    out = out.at[dest].set(outs.reshape(-1, num_heads, head_dim), mode="drop")
-    return out.astype(q.dtype)
+def _mixed(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, q_len, *, scale,
+           sliding_window, decode_chunk, q_tile, chunk_tokens):
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = block_tables.shape[0]
+    decode = q_len == 1
+    # Decodes: one row per sequence, compacted to [S] (padding rows have context 0).
+    first = jnp.minimum(query_start_loc[:-1], num_tokens - 1)
+    dec = ragged_paged_attention_chunked(
+        q[first], k_cache, v_cache, block_tables, jnp.where(decode, context_lens, 0),
+        jnp.arange(num_seqs + 1, dtype=jnp.int32), scale=scale,
+        sliding_window=sliding_window, chunk_tokens=decode_chunk)
+    out = jnp.zeros((num_tokens + q_tile, num_heads, head_dim), q.dtype)
+    out = _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
+                         scale=scale, sliding_window=sliding_window, q_tile=q_tile,
+                         chunk_tokens=chunk_tokens)
+    out = out.at[jnp.where(decode, first, num_tokens + q_tile)].set(dec, mode="drop")
+    return out[:num_tokens]
