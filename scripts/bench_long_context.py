@@ -7,8 +7,9 @@ a KV cache of exactly the blocks the longest prompt needs (plus the null
 block), greedy decoding of ``--decode-steps`` tokens. Prefill time is from
 ``add_request`` to the first token (every chunk run; the first token is
 sampled by the last chunk); decode step time is the mean wall time of the
-steps after it. Each length runs twice when ``--warm`` is given (the first
-pass compiles), and the second is reported.
+steps after it. A warm-up request of ``--max-num-batched-tokens`` + 1
+tokens runs first, untimed: it compiles the full chunk, a partial chunk and
+the decode step, so no timed figure includes a compile.
 
 On the CPU (default) it builds a tiny Llama (hidden 64, 2 layers, the test
 suite's shape) with ``max_position_embeddings`` 131072. ``--gpu-8b`` runs a
@@ -61,7 +62,6 @@ def main() -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="chunk size (default 4096 on the CPU, 8192 on a GPU)")
     ap.add_argument("--decode-steps", type=int, default=16)
-    ap.add_argument("--warm", action="store_true", help="run each length twice, report the second")
     ap.add_argument("--gpu-8b", action="store_true",
                     help="Llama-3-8B-shaped dummy model at 100k tokens (needs a GPU)")
     ap.add_argument("--json", default=None)
@@ -98,11 +98,10 @@ def main() -> int:
         model=path, block_size=args.block_size, max_model_len=longest + args.decode_steps + 8,
         max_num_seqs=1, max_num_batched_tokens=budget, num_kv_blocks=need + 1,
         enable_prefix_caching=False, compile_all_buckets=False, **extra))
+    run_one(engine, budget + 1, 2, SamplingParams, "warm-up")
     rows = []
     for n in lengths:
-        res = None
-        for k in range(2 if args.warm else 1):
-            res = run_one(engine, n, args.decode_steps, SamplingParams, f"{n}-{k}")
+        res = run_one(engine, n, args.decode_steps, SamplingParams, str(n))
         res.update(block_size=args.block_size, chunk=budget,
                    model="llama-3-8b-dummy" if args.gpu_8b else "tiny (hidden 64, 2 layers)",
                    device=str(jax.devices()[0].device_kind))
