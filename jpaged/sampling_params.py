@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 _MAX_SEED = 2**63 - 1
 _INT32 = 2**31
+# Far above any useful value (at 100 sampling is already near uniform), and
+# far below float32's range: logits are divided by it in float32, where an
+# overflow to inf would turn banned tokens' -inf into NaN (and NaN wins argmax).
+MAX_TEMPERATURE = 100.0
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
@@ -89,8 +93,8 @@ class SamplingParams:
 
         if integer("n") < 1:
             bad("n", "must be at least 1")
-        if number("temperature") < 0:
-            bad("temperature", "must be >= 0")
+        if not 0 <= number("temperature") <= MAX_TEMPERATURE:
+            bad("temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
         if not 0 < number("top_p") <= 1:
             bad("top_p", "must be in (0, 1]")
         if not 0 <= integer("top_k") < _INT32:

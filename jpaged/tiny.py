@@ -4,9 +4,10 @@
 network and no PyTorch: ``config.json`` and ``generation_config.json``,
 seeded random weights in safetensors (one file or sharded with an index), a
 byte-level BPE tokenizer trained with `tokenizers` on a built-in corpus, and
-a chat template. Any of the supported architectures and any sizes. The demo
-model that ``jpaged generate`` uses when no ``--model`` is given is built the
-same way and cached under the user's cache directory (`demo_model_path`).
+a chat template. Any of the supported architectures and any sizes. A small
+random-weight demo model (for tests and quick smoke runs; the default model is
+SmolLM2, see `jpaged.model_loader.default_model`) is built the same way and
+cached under the user's cache directory (`demo_model_path`).
 """
 
 from __future__ import annotations

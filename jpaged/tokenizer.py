@@ -1,6 +1,8 @@
 """Tokenizer layer: loading, chat prompts and incremental detokenization.
 
-* `load_tokenizer` loads the checkpoint's tokenizer with transformers.
+* `load_tokenizer` loads the checkpoint's tokenizer with transformers, from
+  a model directory or from a GGUF file's metadata (vocabulary, merges,
+  special tokens and chat template).
 * `apply_chat_template` renders messages with transformers'
   ``apply_chat_template``, whose Jinja runs in a sandboxed environment; a
   template given by the user is rendered the same way (never by a plain
@@ -20,8 +22,11 @@ import os
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                             gguf_file=os.path.basename(path))
     if not os.path.isdir(path):
-        raise ValueError(f"tokenizer={path!r} is not a local directory")
+        raise ValueError(f"tokenizer={path!r} is not a local directory or .gguf file")
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 

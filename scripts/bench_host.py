@@ -42,7 +42,7 @@ def worker(batch: int, length: int, async_scheduling: bool | None, steps: int) -
     model = make_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"), hidden_size=64,
                             num_hidden_layers=2, max_position_embeddings=4096)
     max_len = PROMPT_LEN + length + steps + 16
-    kw = dict(model=model, max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
+    kw = dict(model=model, max_num_seqs=batch, max_num_batched_tokens=max(128, batch),
               max_model_len=max_len, block_size=16,
               num_kv_blocks=batch * -(-max_len // 16) + 1)
     if async_scheduling is not None:

@@ -9,7 +9,10 @@ import socket
 import threading
 import time
 
-from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
+# Imported here, not on the first step: importing it (and JAX) inside the
+# engine thread would hold the GIL for seconds in the middle of a test.
+from jpaged.engine.llm_engine import EngineStats
+from jpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 API_KEY = "sk-test-key"
 MODEL_NAME = "tiny-llama"
@@ -21,17 +24,17 @@ ENGINE_KWARGS = dict(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=51
 class ThreadServer:
     """An app served by uvicorn in a daemon thread on a free 127.0.0.1 port."""
 
-    def __init__(self, app, llm=None):
+    def __init__(self, app, llm=None, **uvicorn_kw):
         import uvicorn
 
-        from jpaged.serve.server import uvicorn_config
+        from jpaged.serve.http import uvicorn_config
 
         self.app, self.llm = app, llm
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app, port=self.port))
+        self.server = uvicorn.Server(uvicorn_config(app, port=self.port, **uvicorn_kw))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
         self.thread.start()
@@ -63,6 +66,15 @@ class ThreadServer:
             time.sleep(0.05)
 
 
+def metric(server: ThreadServer, prefix: str) -> float:
+    """The sum of the /metrics samples whose line starts with ``prefix``."""
+    import httpx
+
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix))
+
+
 _SHARED: dict = {}
 
 
@@ -72,7 +84,8 @@ def shared_server(model_dir: str) -> ThreadServer:
         from jpaged.engine.async_llm import AsyncLLM
         from jpaged.config.engine import EngineConfig
         from jpaged.engine.llm_engine import LLMEngine
-        from jpaged.serve.server import ServeConfig, build_app
+        from jpaged.serve.openai.app import build_app
+        from jpaged.serve.openai.state import ServeConfig
 
         llm = AsyncLLM(LLMEngine(EngineConfig(model=model_dir, **ENGINE_KWARGS)))
         cfg = ServeConfig(served_model_names=[MODEL_NAME], model_path=model_dir,
@@ -99,23 +112,41 @@ class _FakeModelConfig:
     vocab_size = 1024
 
 
+class _FakeConfig:
+    max_num_seqs = 8
+
+
+EOS = 1023
+
+
 class FakeEngine:
     """Request ``r`` with prompt ``p`` emits tokens 1, 2, ..., ``max_tokens``, one
-    per step, as text ``"t1 t2 ..."``; at most ``max_running`` run at once. A
-    prompt ``"bad"`` is refused with ValueError; ``fail_after`` steps make
-    `step` raise."""
+    per step, as text ``"t1 t2 ..."`` (each token's text padded with ``pad``
+    dots), for each of its ``n`` samples; at most ``max_running`` run at once.
+    With ``eos_after=k`` a request stops after k tokens on an EOS token whose
+    text is empty (finish reason "stop"). With ``logprobs`` asked, each token
+    carries that many alternatives. A prompt ``"bad"`` is refused with
+    ValueError; ``fail_after`` steps make `step` raise. With ``stagger=s``,
+    sample k stops ``k * s`` tokens early. Every `add_request`
+    is recorded in ``added`` as (request_id, priority, cache_salt). Outputs
+    are cumulative, or deltas with ``output_kind="delta"``, as the engine's."""
 
     def __init__(self, max_running: int = 4, step_delay: float = 0.0,
-                 fail_after: int | None = None, tokenizer=None):
+                 fail_after: int | None = None, tokenizer=None, pad: int = 0,
+                 eos_after: int | None = None, max_model_len: int = 512, stagger: int = 0):
         self.scheduler = _FakeScheduler()
         self.kv = _FakeKV()
         self.model_config = _FakeModelConfig()
-        self.max_model_len = 512
+        self.config = _FakeConfig()
+        self.max_model_len = max_model_len
         self.tokenizer = tokenizer
         self.max_running, self.step_delay, self.fail_after = max_running, step_delay, fail_after
+        self.pad, self.eos_after, self.stagger = pad, eos_after, stagger
         self.groups: dict = {}
         self.steps = 0
         self.aborted: list[str] = []
+        self.added: list[tuple] = []
+        self.generated_at_abort: dict[str, int] = {}
 
     def add_request(self, request_id, prompt, params, priority=0, cache_salt=None):
         if prompt in ("bad", "") or request_id in self.groups:
@@ -123,14 +154,29 @@ class FakeEngine:
         n_max = params.max_tokens if params is not None and params.max_tokens else 16
         ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else [1, 2]
         self.groups[request_id] = {"n": 0, "max": n_max, "ids": list(ids),
+                                   "samples": params.n if params is not None else 1,
+                                   "logprobs": params.logprobs if params is not None else None,
+                                   "delta": params is not None and params.output_kind == "delta",
+                                   "sent": {}, "lps": {},
                                    "metrics": RequestMetrics(arrival_time=time.time())}
+        self.added.append((request_id, priority, cache_salt))
         self.scheduler.waiting.append(request_id)
+
+    def _token_text(self, t: int) -> str:
+        return "" if t == EOS else f"t{t}" + "." * self.pad
+
+    def _logprobs(self, toks: list[int], k: int) -> list:
+        return [{t: Logprob(-0.5, 1, self._token_text(t)),
+                 **{1000 + j: Logprob(-1.0 - j, j + 2, f"alt{j}") for j in range(k)}}
+                for t in toks]
 
     def abort_request(self, request_id):
         ids = [request_id] if isinstance(request_id, str) else request_id
         for rid in ids:
-            if self.groups.pop(rid, None) is not None:
+            g = self.groups.pop(rid, None)
+            if g is not None:
                 self.aborted.append(rid)
+                self.generated_at_abort[rid] = g["n"]
             for q in (self.scheduler.waiting, self.scheduler.running):
                 if rid in q:
                     q.remove(rid)
@@ -154,18 +200,17 @@ class FakeEngine:
         for rid in list(s.running):
             g = self.groups[rid]
             g["n"] += 1
-            done = g["n"] >= g["max"]
+            eos = self.eos_after is not None and g["n"] > self.eos_after
+            done = g["n"] >= g["max"] or eos
             now = time.time()
             m = g["metrics"]
             m.first_token_time = m.first_token_time or now
             m.first_scheduled_time = m.first_scheduled_time or now
             m.last_token_time = now
-            toks = list(range(1, g["n"] + 1))
-            out = RequestOutput(
-                request_id=rid, prompt=None, prompt_token_ids=g["ids"],
-                outputs=[CompletionOutput(0, " ".join(f"t{t}" for t in toks), toks, None, None,
-                                          "length" if done else None)],
-                finished=done, metrics=m)
+            outputs = [self._sample_output(g, k, eos) for k in range(g["samples"])]
+            done = done or all(o.finish_reason for o in outputs)
+            out = RequestOutput(request_id=rid, prompt=None, prompt_token_ids=g["ids"],
+                                outputs=outputs, finished=done, metrics=m)
             if done:
                 m.finished_time = now
                 s.running.remove(rid)
@@ -173,8 +218,24 @@ class FakeEngine:
             outs.append(out)
         return outs
 
-    def get_stats(self):
-        from jpaged.engine.llm_engine import EngineStats
+    def _sample_output(self, g: dict, k: int, eos: bool) -> CompletionOutput:
+        """Sample ``k`` ends ``k * stagger`` tokens before ``max_tokens``. A
+        delta costs only its new tokens (a long stream stays cheap)."""
+        limit = max(1, g["max"] - k * self.stagger)
+        n = min(g["n"], limit)
+        n_sent = g["sent"].get(k, 0) if g["delta"] else 0
+        toks = list(range(n_sent + 1, n + (0 if eos else 1))) + ([EOS] if eos else [])
+        g["sent"][k] = n_sent + len(toks)
+        text = " ".join(self._token_text(t) for t in toks if t != EOS)
+        if n_sent and text:
+            text = " " + text
+        reason = "stop" if eos else ("length" if g["n"] >= limit else None)
+        lps = self._logprobs(toks, g["logprobs"]) if g["logprobs"] is not None else None
+        if lps is not None and not g["delta"]:
+            g["lps"].setdefault(k, []).extend(lps)
+            lps = list(g["lps"][k])
+        return CompletionOutput(k, text, toks, None, lps, reason, EOS if eos else None)
 
+    def get_stats(self):
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), 0.0,
                            0, 0, 0, 0, 0, 0)

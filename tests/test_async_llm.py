@@ -3,6 +3,8 @@ validation errors, aborts on close and cancel, the queue limit, engine death
 and shutdown."""
 
 import asyncio
+import logging
+import time
 
 import pytest
 
@@ -156,3 +158,144 @@ def test_shutdown_fails_in_flight(make_llm):
 
     run(main())
     assert not llm._thread.is_alive()
+
+
+def test_unread_stream_holds_one_merged_output_not_one_per_step(make_llm):
+    """A reader that stops reading costs its own output in memory, not an
+    output per step (each as long as the text so far)."""
+    import tracemalloc
+
+    llm = make_llm(pad=200)  # each token's text is ~200 characters
+
+    async def main():
+        stream = await llm.add_request("r", "p", SamplingParams(max_tokens=600),
+                                       output_kind="cumulative")
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            while llm.engine.groups:  # the engine runs to the end; nobody reads
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            held = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        outs = [o async for o in stream]
+        return held, outs
+
+    held, outs = run(main(), timeout=60)
+    assert len(outs) == 1 and outs[0].finished  # everything merged into one output
+    assert len(outs[0].outputs[0].token_ids) == 600
+    # The final text is ~120 kB; 600 queued cumulative outputs would be ~36 MB.
+    assert held < 3_000_000, held
+
+
+@pytest.mark.parametrize("kind", ["cumulative", "delta"])
+def test_abort_under_a_slow_reader_reports_every_token(make_llm, kind):
+    llm = make_llm(step_delay=0.005)
+
+    async def main():
+        stream = await llm.add_request("r", "p", SamplingParams(max_tokens=1000),
+                                       output_kind=kind)
+        first = await stream.__anext__()
+        while llm.engine.steps < 20:  # the engine goes on; the reader does not read
+            await asyncio.sleep(0.01)
+        llm.abort("r")  # as the server does on shutdown or a deadline
+        rest = [o async for o in stream]
+        return [first] + rest
+
+    outs = run(main())
+    generated = llm.engine.generated_at_abort["r"]
+    assert generated >= 20
+    final = outs[-1]
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    if kind == "cumulative":
+        assert final.outputs[0].token_ids == list(range(1, generated + 1))
+    else:
+        assert sum((o.outputs[0].token_ids for o in outs if o.outputs), []) == \
+            list(range(1, generated + 1))
+
+
+def test_observer_errors_never_stop_the_engine(make_llm, caplog):
+    class Broken:
+        def __init__(self):
+            self.calls = 0
+
+        def on_output(self, out):
+            self.calls += 1
+            raise RuntimeError("observer bug")
+
+        def on_step(self, stats):
+            raise RuntimeError("observer bug")
+
+        def on_abort(self, request_id):
+            raise RuntimeError("observer bug")
+
+    llm = make_llm()
+    broken = Broken()
+    llm.stat_loggers.append(broken)
+
+    async def main():
+        outs = [o async for o in llm.generate("p", SamplingParams(max_tokens=5), "a")]
+        gen = llm.generate("p", SamplingParams(max_tokens=1000), "b")
+        await gen.__anext__()
+        await gen.aclose()  # on_abort raises too
+        return outs, [o async for o in llm.generate("p", SamplingParams(max_tokens=3), "c")]
+
+    with caplog.at_level(logging.ERROR):
+        outs, later = run(main())
+    assert outs[-1].finished and later[-1].finished
+    assert llm.is_running and broken.calls >= 8
+    assert any("observer bug" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_a_closed_event_loop_fails_only_its_own_request(make_llm):
+    llm = make_llm(step_delay=0.3)
+
+    async def survivor():
+        return [o async for o in llm.generate("p", SamplingParams(max_tokens=3), "ok")]
+
+    async def orphan():
+        # Submitted while the engine is busy in a step; this loop is closed
+        # before the engine gets to accept it.
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(llm.add_request("orphan", "p", SamplingParams(max_tokens=500)),
+                                   0.05)
+
+    async def main():
+        task = asyncio.ensure_future(survivor())
+        await asyncio.sleep(0.05)
+        await asyncio.get_running_loop().run_in_executor(None, asyncio.run, orphan())
+        return await task
+
+    outs = run(main())
+    assert outs[-1].finished and llm.is_running and llm.errored is None
+    for _ in range(100):
+        if not llm.call(lambda e: e.has_unfinished_requests()):
+            break
+        time.sleep(0.05)
+    assert "orphan" not in llm.engine.groups
+
+
+def test_engine_abort_drops_the_metrics_entry(make_llm):
+    from jpaged.serve.metrics import ServerMetrics
+
+    llm = make_llm(step_delay=0.005)
+    metrics = ServerMetrics("m")
+    llm.stat_loggers.append(metrics)
+
+    async def main():
+        stream = await llm.add_request("r", "p", SamplingParams(max_tokens=1000))
+        for _ in range(3):
+            await stream.__anext__()
+        assert "r" in metrics._progress
+        llm.abort("r")  # not the reader: the server (shutdown, a deadline)
+        return [o async for o in stream]
+
+    outs = run(main())
+    assert outs[-1].finished
+    for _ in range(100):
+        if not metrics._progress:
+            break
+        time.sleep(0.01)
+    assert metrics._progress == {}
+    assert metrics.success.labels("m", "abort")._value.get() == 1

@@ -1,4 +1,5 @@
-"""`jpaged generate` end to end in a subprocess, on the built-in demo model."""
+"""`jpaged generate` end to end in a subprocess, on the tiny random-weight demo
+model (the default model, SmolLM2, is tested in test_gguf.py)."""
 
 import json
 import os
@@ -6,7 +7,11 @@ import subprocess
 import sys
 
 
-def test_generate_demo_model_end_to_end(tmp_path):
+def test_generate_demo_model_end_to_end(tmp_path, monkeypatch):
+    from jpaged.tiny import demo_model_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    demo = demo_model_path()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(x) for x in [
         {"prompt": "The capital of France is", "max_tokens": 5},
@@ -16,8 +21,8 @@ def test_generate_demo_model_end_to_end(tmp_path):
     out = tmp_path / "out.jsonl"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "jpaged.cli", "generate", "--prompts-file", str(prompts),
-         "--prompt", "Hello", "--max-tokens", "8", "--max-num-seqs", "8",
+        [sys.executable, "-m", "jpaged.cli", "generate", "--model", demo,
+         "--prompts-file", str(prompts), "--prompt", "Hello", "--max-tokens", "8", "--max-num-seqs", "8",
          "--max-num-batched-tokens", "64", "--output", str(out)],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

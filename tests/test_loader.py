@@ -99,3 +99,20 @@ def test_orbax_round_trip(tmp_path, llama_dir):
     _, _, restored = load_model(str(tmp_path))
     a, b = _flat(params), _flat(restored)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_dummy_weights_can_be_quantized(tmp_path, llama_dir):
+    from jpaged.layers.linear import is_quantized
+
+    shutil.copy(os.path.join(llama_dir, "config.json"), tmp_path / "config.json")
+    _, _, params = load_model(str(tmp_path), load_format="dummy", quantization="int4",
+                              group_size=32)
+    qkv = params["model"]["layers"][0]["self_attn"]["qkv_proj"]["weight"].get_value()
+    assert is_quantized(qkv) and qkv.qvalue.dtype == jnp.uint8
+    with pytest.raises(ValueError, match="quantization='gptq' needs a checkpoint"):
+        load_model(str(tmp_path), load_format="dummy", quantization="gptq")
+
+
+def test_orbax_holds_float_params_only(llama_dir):
+    with pytest.raises(ValueError, match="load_format='orbax' holds float params"):
+        load_model(llama_dir, load_format="orbax", quantization="int8")

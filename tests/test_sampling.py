@@ -181,6 +181,7 @@ def test_penalties_match_oracle_and_are_per_request(llm, llama_dir):
     (dict(logprobs=-1), "logprobs=-1"), (dict(temperature=float("nan")), "temperature=nan"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens=5"), (dict(stop=[""]), "stop"),
     (dict(top_k=2**31), "top_k=2147483648"), (dict(stop_token_ids=[2**40]), "stop_token_ids"),
+    (dict(temperature=1e30), "temperature=1e\\+30"),
 ])
 def test_invalid_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -240,3 +241,89 @@ def test_no_compile_after_warmup(llama_dir, async_scheduling, preemption_mode):
     assert e.runner.num_compiles == before
     assert e.get_stats().num_preemptions > 0  # the small cache made it preempt, too
     assert_all_blocks_free(llm)
+
+
+# ------------------------------------------- the sampler alone, by hand
+def _metadata(num_rows, vocab, **over):
+    import jax.numpy as jnp
+
+    from jpaged.sample.sampler import SamplingMetadata
+
+    f = lambda v: jnp.full((num_rows,), v, jnp.float32)  # noqa: E731
+    i = lambda v: jnp.full((num_rows,), v, jnp.int32)  # noqa: E731
+    md = dict(temperature=f(1.0), top_k=i(0), top_p=f(1.0), min_p=f(0.0),
+              presence_penalty=f(0.0), frequency_penalty=f(0.0), repetition_penalty=f(1.0),
+              seeds=jnp.tile(jnp.array([[1234, 0]], jnp.uint32), (num_rows, 1)),
+              sample_index=i(0), output_len=i(0), prompt_len=i(1),
+              token_rows=jnp.arange(num_rows, dtype=jnp.int32),
+              banned=jnp.full((num_rows, 4), vocab, jnp.int32),
+              any_penalty=jnp.array(False), any_filter=jnp.array(False),
+              any_logprobs=jnp.array(False), any_random=jnp.array(True))
+    md.update(over)
+    return SamplingMetadata(**md)
+
+
+def _draw(logits, md):
+    import jax.numpy as jnp
+
+    from jpaged.sample.sampler import sample
+
+    table = jnp.zeros((logits.shape[0], 8), jnp.int32)
+    return np.asarray(sample(logits, md, table, 1)[0])
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.7, 2), (0.5, 1), (0.95, 3)])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
+    """Probabilities [0.5, 0.3, 0.2]: top_p 0.7 keeps exactly two tokens."""
+    import jax.numpy as jnp
+
+    from jpaged.sample.sampler import _filter
+
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]], jnp.float32))
+    out = np.asarray(_filter(logits, _metadata(1, 3, top_p=jnp.array([top_p], jnp.float32))))
+    assert np.isfinite(out[0]).sum() == kept
+    assert np.isfinite(out[0, :kept]).all()
+
+
+def test_n_samples_draw_different_first_tokens():
+    """n samples of one request share seed and position; only the sample
+    index tells their draws apart."""
+    import jax.numpy as jnp
+
+    n, vocab = 8, 1000
+    logits = jnp.zeros((n, vocab), jnp.float32)  # uniform
+    md = _metadata(n, vocab, sample_index=jnp.arange(n, dtype=jnp.int32))
+    toks = _draw(logits, md)
+    assert len(set(toks.tolist())) >= n - 1, toks
+    same = _draw(logits, _metadata(n, vocab))  # one sample index: one draw
+    assert len(set(same.tolist())) == 1
+
+
+def test_banned_tokens_stay_banned_at_the_highest_temperature():
+    """At MAX_TEMPERATURE, min_tokens bans (-inf logits) still hold: no NaN."""
+    import jax.numpy as jnp
+
+    from jpaged.sampling_params import MAX_TEMPERATURE
+
+    rows, vocab = 64, 6
+    logits = jnp.tile(jnp.array([[9.0, 0, 0, 0, 0, 0]], jnp.float32), (rows, 1))
+    banned = jnp.tile(jnp.array([[0, vocab, vocab, vocab]], jnp.int32), (rows, 1))
+    md = _metadata(rows, vocab, temperature=jnp.full((rows,), MAX_TEMPERATURE, jnp.float32),
+                   banned=banned, sample_index=jnp.arange(rows, dtype=jnp.int32))
+    toks = _draw(logits, md)
+    assert 0 not in toks.tolist() and len(set(toks.tolist())) > 1
+
+
+def test_min_tokens_boundary_is_exact(llm):
+    """A stop token at output index k is allowed with min_tokens=k and
+    banned there with min_tokens=k+1."""
+    p = make_prompts(seed=9, lens=(6,))
+    full = gen(llm, p, SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    target = full.token_ids[5]
+    k = full.token_ids.index(target)
+    at = gen(llm, p, SamplingParams(temperature=0, max_tokens=20, min_tokens=k,
+                                    stop_token_ids=[target]))[0].outputs[0]
+    assert at.token_ids == full.token_ids[:k + 1] and at.finish_reason == "stop"
+    past = gen(llm, p, SamplingParams(temperature=0, max_tokens=20, min_tokens=k + 1,
+                                      stop_token_ids=[target]))[0].outputs[0]
+    assert past.token_ids[:k] == full.token_ids[:k] and past.token_ids[k] != target

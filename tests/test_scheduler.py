@@ -119,3 +119,30 @@ def test_n_samples_fork_and_finish_free_everything():
     while s.has_unfinished_requests():
         run_step(s)
     assert kv.num_free_blocks == kv.num_blocks - 1
+
+
+def test_preempted_request_goes_back_to_the_front_of_several_waiting():
+    s, kv = make(n_blocks=5, max_num_seqs=2, max_num_batched_tokens=64)
+    s.add_request(req("old", 8, max_tokens=8, arrival=0))
+    s.add_request(req("new", 8, max_tokens=8, arrival=1, first=50))
+    for i in range(3):
+        s.add_request(req(f"w{i}", 2, arrival=2 + i, first=100 + 10 * i))
+    _, got = run_step(s)
+    assert got == {"old": 8, "new": 8}
+    _, got = run_step(s)
+    assert got == {"old": 1}  # "new" preempted for old's third block
+    assert [r.request_id for r in s.waiting] == ["new", "w0", "w1", "w2"]
+
+
+def test_equal_priorities_preempt_the_latest_arrival():
+    s, kv = make(n_blocks=5, max_num_batched_tokens=64, scheduling_policy="priority")
+    # Added out of arrival order, so that neither list position nor request id
+    # can stand in for the arrival time (under FCFS the add order is the
+    # arrival order, and test_preemption_recompute_takes_latest covers it).
+    s.add_request(req("b", 8, max_tokens=8, arrival=1.0, priority=3, first=50))
+    s.add_request(req("a", 8, max_tokens=8, arrival=0.0, priority=3))
+    run_step(s)
+    _, got = run_step(s)
+    assert got == {"a": 1}
+    assert s.requests["b"].status == RequestStatus.WAITING
+    assert s.requests["b"].num_preemptions == 1 and s.requests["a"].num_preemptions == 0

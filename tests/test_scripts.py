@@ -27,6 +27,13 @@ def test_bench_throughput_tiny(tmp_path, llama_dir):
     assert "share of allocated slots holding tokens" in out
 
 
+def test_bench_host_tiny(tmp_path):
+    out = _run(["scripts/bench_host.py", "--batches", "4", "--lengths", "16", "40", "--steps",
+                "4"], tmp_path)
+    assert "host ms/step at length 40" in out
+    assert out.count("this tree") == 4  # 2 lengths x (async, sync)
+
+
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory):
     """A gpu_check.sh run folder filled by the GPU scripts' CPU smoke modes."""

@@ -14,8 +14,10 @@ import pytest
 
 from jpaged.engine.async_llm import AsyncLLM
 from jpaged.serve.auth import APIKeyMiddleware
-from jpaged.serve.server import ServeConfig, build_app
+from jpaged.serve.openai.app import build_app
+from jpaged.serve.openai.state import ServeConfig
 from serve_helpers import API_KEY, MODEL_NAME, FakeEngine, ThreadServer, shared_server
+from serve_helpers import metric as _metric
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 BIG = "x" * 900_000  # under the 1 MiB body limit once quoted
@@ -93,6 +95,7 @@ CASES = [
     (C, {"prompt": "x", "top_k": -2}, 400),
     (C, {"prompt": "x", "min_p": 2}, 400),
     (C, {"prompt": "x", "temperature": -1}, 400),
+    (C, {"prompt": "x", "temperature": 1e30}, 400),  # over MAX_TEMPERATURE: NaN in float32
     (C, {"prompt": "x", "repetition_penalty": 0}, 400),
     (C, {"prompt": "x", "presence_penalty": 5}, 400),
     (C, {"prompt": "x", "min_tokens": 10, "max_tokens": 5}, 400),
@@ -334,15 +337,6 @@ NAMES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
          "request_queue_time_seconds_count", "request_success_total", "num_compiles"]
 
 
-def _metric(server, prefix: str) -> float:
-    text = httpx.get(server.url + "/metrics", headers=AUTH).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_metrics_names_and_movement(server):
     r = httpx.get(server.url + "/metrics", headers=AUTH)
     assert r.status_code == 200
@@ -387,3 +381,4 @@ def test_engine_error_mid_stream(llama_dir):
         assert r.status_code == 503 and "error" in r.json()
     finally:
         srv.stop()
+

@@ -21,30 +21,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_then_exits(llama_dir, tmp_path):
+def _start(llama_dir, tmp_path, *extra):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w+")
     cmd = [sys.executable, "-m", "jpaged.cli", "--log-level", "INFO", "serve",
-           "--model", llama_dir, "--port", str(port), "--served-model-name", "m",
-           "--shutdown-timeout", "60", "--enable-log-requests"]
+           "--model", llama_dir, "--port", str(port), "--served-model-name", "m", *extra]
     for k, v in ENGINE_KWARGS.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "JPAGED_API_KEY": "sk-env"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    auth = {"Authorization": "Bearer sk-env"}
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, open(tmp_path / "server.log").read()[-3000:]
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(open(tmp_path / "server.log").read()[-3000:])
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url, log
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
 
+
+AUTH = {"Authorization": "Bearer sk-env"}
+
+
+def test_sigterm_drains_then_exits(llama_dir, tmp_path):
+    proc, url, log = _start(llama_dir, tmp_path, "--shutdown-timeout", "60",
+                            "--enable-log-requests")
+    auth = AUTH
+    try:
         results, started = {}, threading.Barrier(5)
 
         def client(i):
@@ -86,6 +93,32 @@ def test_sigterm_drains_then_exits(llama_dir, tmp_path):
         assert proc.wait(60) == 0
         text = open(tmp_path / "server.log").read()
         assert text.count("jpaged.serve.requests") == 4, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_second_sigterm_stops_at_once_and_shuts_the_engine_down(llama_dir, tmp_path):
+    proc, url, log = _start(llama_dir, tmp_path, "--shutdown-timeout", "600")
+    try:
+        body = {"model": "m", "prompt": "Tell me a story", "max_tokens": 480,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH,
+                          timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(ln for ln in lines if ln.startswith("data: {"))
+            proc.send_signal(signal.SIGTERM)  # drain: would wait up to 600 s
+            time.sleep(0.5)
+            assert proc.poll() is None
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)  # stop now
+            rc = proc.wait(30)
+        assert time.monotonic() - start < 15
+        text = open(tmp_path / "server.log").read()
+        assert rc == 0, text[-3000:]
+        assert "second signal" in text and "engine loop stopped" in text, text[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

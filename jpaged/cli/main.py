@@ -168,7 +168,7 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "chat":
             return cmd_chat(args)
-        from jpaged.serve.server import run_server
+        from jpaged.serve.openai.app import run_server
 
         return run_server(args)
     except ValueError as e:

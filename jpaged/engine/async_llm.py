@@ -9,14 +9,16 @@ The life of a request:
    touching any other request.
 2. The loop thread drains commands (adds, aborts), calls `LLMEngine.step`, and
    hands each step's outputs to the event loop in one
-   ``loop.call_soon_threadsafe`` call, which puts them on per-request
-   `asyncio.Queue`s.
-3. `RequestStream` (an async iterator) yields `RequestOutput`s: cumulative
-   ones, or deltas (only the new text, token ids and logprobs of each sample)
-   with ``output_kind="delta"``. Outputs that piled up while the consumer was
-   busy are merged into one.
+   ``loop.call_soon_threadsafe`` call, which merges each into its
+   `RequestStream` (see `jpaged.engine.request_stream`).
+3. The engine is asked for deltas; `RequestStream` (an async iterator)
+   yields what its reader asked for: cumulative outputs, deltas (only the
+   new text, token ids and logprobs of each sample) with
+   ``output_kind="delta"``, or the final output alone with ``"final_only"``.
+   Outputs that arrive while the reader is busy are merged as they arrive.
 4. Closing or cancelling the iterator before the request finished (a client
-   disconnect) aborts it; the engine frees its blocks at once.
+   disconnect) aborts it; the engine frees its blocks at once, and the stat
+   loggers' ``on_abort`` drops what they held for it.
 5. An exception in `LLMEngine.step` fails every in-flight request with
    `EngineDeadError`, sets `errored`, and stops the loop; `shutdown` stops it
    cleanly.
@@ -28,15 +30,15 @@ outputs are known by hand and against the real engine through the server.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.engine.request_stream import ABORTED, RequestStream
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import OUTPUT_KINDS, SamplingParams
 from jpaged.sched.policy import RequestRefused
-from jpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -51,84 +53,6 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at ``max_queue_len``; retry later."""
 
 
-class RequestStream:
-    """Async iterator over one request's outputs (see the module docstring)."""
-
-    def __init__(self, llm: "AsyncLLM", request_id: str, output_kind: str):
-        self.llm = llm
-        self.request_id = request_id
-        self.output_kind = output_kind
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
-        self.finished = False  # the final output (or an error) was read
-        self.aborted = False  # closed before that
-        self._prev: RequestOutput | None = None  # last cumulative output seen
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished or self.aborted:
-            raise StopAsyncIteration
-        try:
-            item = await self.queue.get()
-            # Merge outputs that piled up: each is cumulative, the last wins.
-            while isinstance(item, RequestOutput) and not item.finished \
-                    and not self.queue.empty():
-                item = self.queue.get_nowait()
-        except BaseException:
-            self.close()
-            raise
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item is _ABORTED:
-            item = _aborted_output(self.request_id, self._prev)
-        if item.finished:
-            self.finished = True
-        out = _delta(self._prev, item) if self.output_kind == "delta" else item
-        self._prev = item
-        return out
-
-    def close(self) -> None:
-        """Abort the request if it has not finished (idempotent)."""
-        if not self.finished and not self.aborted:
-            self.aborted = True
-            self.llm.abort(self.request_id)
-
-    async def aclose(self) -> None:
-        self.close()
-
-
-_ABORTED = object()  # queue sentinel: the request was aborted under its reader
-
-
-def _aborted_output(request_id: str, prev: RequestOutput | None) -> RequestOutput:
-    """A final output for a request aborted by `AsyncLLM.abort`."""
-    if prev is None:
-        return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[],
-                             outputs=[], finished=True)
-    outs = [dataclasses.replace(o, finish_reason=o.finish_reason or "abort")
-            for o in prev.outputs]
-    return dataclasses.replace(prev, outputs=outs, finished=True)
-
-
-def _delta(prev: RequestOutput | None, cur: RequestOutput) -> RequestOutput:
-    """The part of ``cur`` that is new since ``prev`` (both cumulative)."""
-    seen = {o.index: o for o in prev.outputs} if prev is not None else {}
-    outs = []
-    for o in cur.outputs:
-        p = seen.get(o.index)
-        nt = len(p.token_ids) if p else 0
-        ntext = len(p.text) if p else 0
-        outs.append(CompletionOutput(
-            index=o.index, text=o.text[ntext:], token_ids=o.token_ids[nt:],
-            cumulative_logprob=o.cumulative_logprob,
-            logprobs=o.logprobs[nt:] if o.logprobs is not None else None,
-            finish_reason=o.finish_reason, stop_reason=o.stop_reason))
-    return dataclasses.replace(cur, outputs=outs)
-
-
 class AsyncLLM:
     """Serve an `LLMEngine` to asyncio code.
 
@@ -137,8 +61,11 @@ class AsyncLLM:
         max_queue_len: refuse new requests (`QueueFullError`) while this many
             are waiting; ``None`` for no limit.
         stat_loggers: objects with optional ``on_step(stats)`` (after each
-            step, with `EngineStats`) and ``on_output(out)`` (every
-            `RequestOutput`) methods, called in the loop thread.
+            step, with `EngineStats`), ``on_output(out)`` (every
+            `RequestOutput`, a delta: only the step's new tokens) and
+            ``on_abort(request_id)`` (an unfinished request was aborted)
+            methods, called in the loop thread; an exception in one is
+            logged and never stops the engine.
     """
 
     def __init__(self, engine, max_queue_len: int | None = None, stat_loggers=()):
@@ -183,9 +110,13 @@ class AsyncLLM:
                 stream later, if it is refused while waiting).
             EngineDeadError: the engine loop is dead or shut down.
         """
-        if output_kind not in ("cumulative", "delta"):
-            raise ValueError(f"output_kind={output_kind!r} must be 'cumulative' or 'delta'")
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind={output_kind!r} must be one of "
+                             f"{', '.join(OUTPUT_KINDS)}")
         self._check_alive()
+        # The engine sends deltas; the stream builds what its reader asked for.
+        params = (params or SamplingParams()).clone()
+        params.output_kind = "delta"
         stream = RequestStream(self, request_id, output_kind)
         accepted = stream.loop.create_future()
         self._commands.put(("add", (request_id, prompt, params, priority, cache_salt),
@@ -235,6 +166,7 @@ class AsyncLLM:
         self._commands.put(("wake", None, None, None))
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        logger.info("engine loop stopped")
 
     def _check_alive(self) -> None:
         if self.errored is not None:
@@ -280,8 +212,9 @@ class AsyncLLM:
                 self.engine.abort_request(a)  # a no-op for a finished request
                 aborted = True
                 stream = self._streams.pop(a, None)
-                if stream is not None:  # aborted by someone else than its reader
-                    _call_soon(stream.loop, _put_all, [(stream.queue, _ABORTED)])
+                if stream is not None:  # it was unfinished
+                    _call_soon(stream.loop, _push_all, [(stream, ABORTED)])
+                    self._notify("on_abort", a)
             elif kind == "call":
                 try:
                     b.append(a(self.engine))
@@ -307,38 +240,48 @@ class AsyncLLM:
                 err = e if isinstance(e, (ValueError, RequestRefused)) else ValueError(str(e))
         if err is None:
             self._streams[request_id] = stream
-        stream.loop.call_soon_threadsafe(_settle, accepted, err)
+        if not _call_soon(stream.loop, _settle, accepted, err) and err is None:
+            # Its event loop is gone: nobody will read or abort it.
+            self.engine.abort_request(request_id)
+            self._streams.pop(request_id, None)
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         by_loop: dict = {}
         for out in outs:
-            for sl in self.stat_loggers:
-                if hasattr(sl, "on_output"):
-                    sl.on_output(out)
+            self._notify("on_output", out)
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
             if stream is not None:  # a refusal (deadline) is raised to the reader
                 by_loop.setdefault(stream.loop, []).append(
-                    (stream.queue, out.error if out.error is not None else out))
+                    (stream, out.error if out.error is not None else out))
         for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
+            if not _call_soon(loop, _push_all, items):
+                # That event loop is closed: its requests can never be read.
+                logger.warning("an event loop closed under %d requests: aborting them",
+                               len(items))
+                for stream, out in items:
+                    if not out.finished and self._streams.pop(stream.request_id, None):
+                        self.engine.abort_request(stream.request_id)
+                        self._notify("on_abort", stream.request_id)
 
     def _on_step(self) -> None:
-        if not any(hasattr(sl, "on_step") for sl in self.stat_loggers):
-            return
-        stats = self.engine.get_stats()
+        if any(hasattr(sl, "on_step") for sl in self.stat_loggers):
+            self._notify("on_step", self.engine.get_stats())
+
+    def _notify(self, hook: str, arg) -> None:
         for sl in self.stat_loggers:
-            if hasattr(sl, "on_step"):
+            fn = getattr(sl, hook, None)
+            if fn is not None:
                 try:
-                    sl.on_step(stats)
-                except Exception:  # noqa: BLE001 - metrics must not kill the engine
-                    logger.exception("stat logger failed")
+                    fn(arg)
+                except Exception:  # noqa: BLE001 - an observer must not kill the engine
+                    logger.exception("stat logger %s.%s failed", type(sl).__name__, hook)
 
     def _fail_all(self, err: BaseException) -> None:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
-            _call_soon(stream.loop, _put_all, [(stream.queue, err)])
+            _call_soon(stream.loop, _push_all, [(stream, err)])
 
     def _fail_commands(self, err: BaseException) -> None:
         while True:
@@ -362,16 +305,18 @@ def _settle(fut: asyncio.Future, err: BaseException | None) -> None:
         fut.set_exception(err)
 
 
-def _put_all(items) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+def _push_all(items) -> None:
+    for stream, item in items:
+        stream.push(item)
 
 
-def _call_soon(loop, fn, *args) -> None:
+def _call_soon(loop, fn, *args) -> bool:
+    """``loop.call_soon_threadsafe``; False when that loop is closed."""
     try:
         loop.call_soon_threadsafe(fn, *args)
+        return True
     except RuntimeError:  # the event loop is closed: nobody is listening
-        pass
+        return False
 
 
 __all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestRefused", "RequestStream"]

@@ -84,16 +84,17 @@ class LLMEngine:
             raise ValueError(f"block_size={config.block_size} is not supported; choose one of "
                              f"{', '.join(map(str, ALLOWED_BLOCK_SIZES))}")
         if config.model is None:
-            from jpaged.tiny import demo_model_path
+            from jpaged.model_loader import default_model_path
 
-            config = config.replace(model=demo_model_path())
+            config = config.replace(model=default_model_path())
         self.config = config
         backend = resolve_backend(config.attention_backend)
         logger.info("attention backend: %s (%s on %s)", backend, config.attention_backend,
                     jax.default_backend())
         start = time.perf_counter()
         self.model_config, graphdef, params = load_model(
-            config.model, config.dtype, config.load_format, config.seed)
+            config.model, config.dtype, config.load_format, config.seed,
+            quantization=config.weight_quantization, group_size=config.quantization_group_size)
         mc = self.model_config
         logger.info("loaded %s (%s, %s) in %.2fs", config.model, mc.architecture, mc.dtype,
                     time.perf_counter() - start)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jpaged.layers.attention import AttentionMetadata, paged_attention
+from jpaged.layers.linear import dense, embed
 from jpaged.config.model import ModelConfig
 
 KVCache = list  # [(k_cache, v_cache)] per layer, see jpaged.layers.attention
@@ -45,20 +46,31 @@ def checkpoint_names(param: str) -> list[str]:
     return [param]
 
 
+# Decoder projections: what on-the-fly quantization (int8/int4/fp8) quantizes.
+# Embeddings, norms and the LM head stay in the float dtype.
+LINEAR_WEIGHTS = ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
+                  "mlp.gate_up_proj.weight", "mlp.down_proj.weight")
+
+
+def is_linear_weight(param: str) -> bool:
+    return param.startswith("model.layers.") and param.endswith(LINEAR_WEIGHTS)
+
+
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * std
 
 
 class Linear(nnx.Module):
-    """``y = x @ weight.T + bias`` with the checkpoint's ``[out, in]`` layout."""
+    """``y = x @ weight.T + bias`` with the checkpoint's ``[out, in]`` layout; the
+    weight may be a plain array or a `QuantizedWeight` (see `jpaged.layers.linear`)."""
 
     def __init__(self, d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs):
         self.weight = nnx.Param(_init(rngs, (d_out, d_in), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
     def __call__(self, x):  # [T, in] -> [T, out]
-        y = jnp.einsum("ti,oi->to", x, self.weight[...])
-        return y + self.bias[...] if self.bias is not None else y
+        return dense(x, self.weight.get_value(),
+                     self.bias[...] if self.bias is not None else None)
 
 
 class RMSNorm(nnx.Module):
@@ -165,9 +177,10 @@ class DecoderLayer(nnx.Module):
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, dtype, rngs: nnx.Rngs):
         self.weight = nnx.Param(_init(rngs, (vocab, dim), dtype))
+        self.dtype = dtype
 
     def __call__(self, ids):  # [T] -> [T, dim]
-        return jnp.take(self.weight[...], ids, axis=0)
+        return embed(self.weight.get_value(), ids, self.dtype)
 
 
 class LlamaModel(nnx.Module):
@@ -203,5 +216,5 @@ class LlamaForCausalLM(nnx.Module):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:  # [N, hidden] -> [N, V] f32
         w = (self.model.embed_tokens.weight if self.lm_head is None
-             else self.lm_head.weight)[...]
-        return jnp.einsum("nh,vh->nv", hidden, w).astype(jnp.float32)
+             else self.lm_head.weight).get_value()
+        return dense(hidden, w).astype(jnp.float32)

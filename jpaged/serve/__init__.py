@@ -1,1 +1,1 @@
-"""OpenAI-compatible HTTP serving: `jpaged serve` (see `jpaged.serve.server`)."""
+"""OpenAI-compatible HTTP serving: `jpaged serve` (see `jpaged.serve.openai.app`)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # jpaged.serve.server uses the same default
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # jpaged.serve.openai.state uses the same defaults
+DEFAULT_MAX_REQUEST_WORK = 1 << 22
 
 
 def _positive_int(v: str) -> int:
@@ -16,6 +17,13 @@ def _positive_int(v: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{v} must be a positive integer")
     return n
+
+
+def _positive_float(v: str) -> float:
+    x = float(v)
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"{v} must be a positive number of seconds")
+    return x
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -28,8 +36,29 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="accepted API key (repeatable; also env JPAGED_API_KEY)")
     g.add_argument("--chat-template", default=None,
                    help="chat template: a file path or an inline Jinja string")
-    g.add_argument("--max-queue-len", type=_positive_int, default=None,
+    g.add_argument("--max-queue-len", type=_positive_int, default=1024,
                    help="refuse new requests (503) while this many are waiting")
+    g.add_argument("--max-seqs-per-request", type=_positive_int, default=None,
+                   help="most sequences (prompts x n) one request may queue "
+                   "(default: --max-num-seqs)")
+    g.add_argument("--max-request-work", type=_positive_int, default=DEFAULT_MAX_REQUEST_WORK,
+                   help="refuse requests whose prompts x n x max_tokens x (logprobs + 2) is "
+                   "over this")
+    g.add_argument("--allow-client-priority", action="store_true",
+                   help="honour the request's 'priority' field (otherwise it is ignored)")
+    g.add_argument("--send-timeout", type=_positive_float, default=30.0,
+                   help="abort a stream whose client has not read for this many seconds")
+    g.add_argument("--request-timeout", type=_positive_float, default=30.0,
+                   help="seconds allowed to send a request body")
+    g.add_argument("--request-head-timeout", type=_positive_float, default=10.0,
+                   help="seconds allowed to send a request line and headers (also bounds "
+                   "an idle keep-alive connection)")
+    g.add_argument("--timeout-keep-alive", type=_positive_float, default=5.0,
+                   help="close an idle keep-alive connection after this many seconds")
+    g.add_argument("--limit-concurrency", type=_positive_int, default=1024,
+                   help="answer 503 while this many connections or requests are open")
+    g.add_argument("--tokenizer-workers", type=_positive_int, default=4,
+                   help="threads that tokenize prompts and render chat templates")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds to let requests in flight finish after SIGTERM")
     g.add_argument("--enable-log-requests", action="store_true",

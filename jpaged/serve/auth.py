@@ -5,12 +5,19 @@ header), and only exact allowlisted paths are public: ``//health``,
 ``/health/`` or ``/v1/../health`` all need a key. Every configured key is
 compared with `hmac.compare_digest`, all of them every time, so the time
 taken says nothing about which key nearly matched.
+
+An authorized request carries its principal in ``scope["jpaged.principal"]``:
+a SHA-256 digest of its key (never the key), which the routes use to salt
+the prefix cache per tenant.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
+
+PRINCIPAL = "jpaged.principal"
 
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -26,6 +33,7 @@ class APIKeyMiddleware:
     def __init__(self, app, api_keys: list[str], public_paths=PUBLIC_PATHS):
         self.app = app
         self.keys = [k.encode() for k in api_keys if k]
+        self.principals = [principal_of(k) for k in self.keys]
         self.public = frozenset(public_paths)
 
     async def __call__(self, scope, receive, send):
@@ -33,8 +41,11 @@ class APIKeyMiddleware:
             return await self.app(scope, receive, send)
         if scope["type"] == "http" and scope.get("path") in self.public:
             return await self.app(scope, receive, send)
-        if scope["type"] == "http" and self._authorized(scope):
-            return await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            who = self._principal(scope)
+            if who is not None:
+                scope[PRINCIPAL] = who
+                return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
@@ -46,15 +57,20 @@ class APIKeyMiddleware:
                                 (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})
 
-    def _authorized(self, scope) -> bool:
+    def _principal(self, scope) -> str | None:
+        """The principal of the request's key, or None if it has no valid key."""
         values = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
         if len(values) != 1:
-            return False
+            return None
         scheme, _, token = values[0].partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
+            return None
         token = token.strip()
-        ok = False
-        for key in self.keys:  # no early exit: constant time over the key list
-            ok |= hmac.compare_digest(token, key)
-        return ok
+        # No early exit: constant time over the key list.
+        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        return self.principals[matches.index(True)] if any(matches) else None
+
+
+def principal_of(key: bytes) -> str:
+    """A stable name for an API key that does not reveal it."""
+    return hashlib.sha256(b"jpaged-principal\0" + key).hexdigest()

@@ -2,10 +2,13 @@
 
 `ServerMetrics` is an `AsyncLLM` stat logger: ``on_step`` (loop thread, after
 every step) sets the gauges from `EngineStats` and increments the counters
-by their deltas; ``on_output`` (loop thread, every `RequestOutput`) observes
-inter-token latency as tokens arrive and, when a request finishes, its time to
-first token, end-to-end latency, queue time and finish reason. Each app has
-its own `CollectorRegistry`, so several servers can live in one process.
+by their deltas; ``on_output`` (loop thread, every `RequestOutput`, a delta)
+observes inter-token latency as tokens arrive and, when a request finishes,
+its time to first token, end-to-end latency, queue time and finish reason;
+``on_abort`` (loop thread, when the engine aborts an unfinished request)
+counts the abort and drops the request's entry, so nothing is kept for
+requests that are gone. Each app has its own `CollectorRegistry`, so several
+servers can live in one process.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class ServerMetrics:
         self.model_name = model_name
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
-        self._progress: dict[str, tuple[float, int]] = {}  # id -> (last token time, tokens)
+        self._progress: dict[str, float] = {}  # running request id -> last token time
 
     # ----------------------------------------------------- loop thread
     def on_step(self, stats) -> None:
@@ -76,21 +79,22 @@ class ServerMetrics:
             self._last[name] = value
 
     def on_output(self, out) -> None:
+        """``out`` is a delta: its token ids are the ones new since the last."""
         m = out.metrics
         if m is None:
             return
-        n_tokens = sum(len(o.token_ids) for o in out.outputs)
+        n_new = sum(len(o.token_ids) for o in out.outputs)
         last_t = m.last_token_time
-        prev = self._progress.get(out.request_id)
-        if prev is not None and last_t is not None and n_tokens > prev[1]:
-            gap = max(0.0, last_t - prev[0]) / (n_tokens - prev[1])
-            for _ in range(n_tokens - prev[1]):
+        prev_t = self._progress.get(out.request_id)
+        if prev_t is not None and last_t is not None and n_new:
+            gap = max(0.0, last_t - prev_t) / n_new
+            for _ in range(n_new):
                 self.itl.observe(gap)
         if out.finished:
             self._progress.pop(out.request_id, None)
             self.on_finished(out)
-        elif last_t is not None:
-            self._progress[out.request_id] = (last_t, n_tokens)
+        elif last_t is not None and n_new:
+            self._progress[out.request_id] = last_t
 
     def on_finished(self, out) -> None:
         m = out.metrics

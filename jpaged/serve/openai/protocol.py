@@ -1,18 +1,26 @@
-"""OpenAI-shaped request and response bodies (pydantic), plus vLLM's extras.
+"""OpenAI-shaped request and response bodies (pydantic), plus vLLM's extras,
+and the reading of a request body into them and into `SamplingParams`.
 
 Requests are validated in strict mode (no string-to-number coercion, no
-NaN or infinity); every validation failure becomes a 400 at the edge.
-Unknown fields are kept in ``model_extra`` so the server can log and ignore
-them. Integers that reach device arrays are bounded to int32 here, because
-`SamplingParams` only checks their lower bounds.
+NaN or infinity); every validation failure becomes a 400 at the edge
+(`read_model`). Unknown fields are kept in ``model_extra`` so the server can
+log and ignore them. Integers that reach device arrays are bounded to int32
+here, because `SamplingParams` only checks their lower bounds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jpaged.sampling_params import SamplingParams
+from jpaged.serve.logsafe import get_logger
+from jpaged.serve.openai.errors import APIError, param_of
+
+logger = get_logger(__name__)
 
 INT32_MAX = 2**31 - 1
 SEED_MAX = 2**63 - 1
@@ -97,17 +105,6 @@ class DetokenizeRequest(_Request):
 
 
 # ------------------------------------------------------------- responses
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int | str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -218,3 +215,59 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# --------------------------------------------------------------- reading
+async def read_model(request, cls, max_bytes: int, timeout: float | None = None):
+    """The body of ``request`` validated as ``cls``: a 413 over ``max_bytes``,
+    a 408 if it takes longer than ``timeout`` seconds to arrive."""
+    cl = request.headers.get("content-length")
+    if cl is not None and (not cl.isdigit() or int(cl) > max_bytes):
+        raise APIError(413, f"request body is over {max_bytes} bytes")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise APIError(413, f"request body is over {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"request body did not arrive within {timeout:g}s") from None
+    try:
+        obj = cls.model_validate_json(b"".join(chunks))
+    except ValidationError as e:
+        err = e.errors(include_input=False, include_url=False)[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        param = str(err["loc"][0]) if err.get("loc") else None
+        raise APIError(400, f"{loc + ': ' if loc else ''}{err.get('msg', 'invalid')}"[:1000],
+                       param) from None
+    except Exception as e:  # noqa: BLE001 - anything odd in the body is a 400
+        raise APIError(400, f"invalid request body: {type(e).__name__}") from None
+    extra = sorted((obj.model_extra or {}).keys())
+    if extra:
+        logger.warning("ignoring unknown fields: %s", ", ".join(k[:64] for k in extra[:10]))
+    return obj
+
+
+def make_sampling_params(req, vocab_size: int, max_tokens, logprobs) -> SamplingParams:
+    """`SamplingParams` from a completion or chat request; a 400 naming a bad field."""
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    top_k = req.top_k if req.top_k is not None else 0
+    if top_k >= vocab_size:
+        top_k = 0  # the whole vocabulary: no filter
+    try:
+        return SamplingParams(
+            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k,
+            min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else
+            req.repetition_penalty,
+            seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens)
+    except ValueError as e:
+        raise APIError(400, str(e), param_of(str(e))) from None

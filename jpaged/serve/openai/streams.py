@@ -1,5 +1,6 @@
 """Generation plumbing for the HTTP routes: engine requests of one HTTP
-request (`Generation`), disconnect watching, and Server-Sent Events.
+request (`Generation`: submit, merged outputs, abort on exit), disconnect
+watching, and Server-Sent Events.
 
 A client that goes away is noticed by waiting on ``receive()`` for
 ``http.disconnect`` next to the work (`run_until_disconnect` for plain
@@ -11,12 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 
+from jpaged.engine.async_llm import EngineDeadError, QueueFullError
 from jpaged.sampling_params import SamplingParams
+from jpaged.serve.auth import PRINCIPAL
+from jpaged.serve.logsafe import get_logger
+from jpaged.serve.openai import protocol as P
+from jpaged.serve.openai.errors import APIError, param_of
 
-request_logger = logging.getLogger("jpaged.serve.requests")
+logger = get_logger(__name__)
+request_logger = get_logger("jpaged.serve.requests")
 
 
 class ClientGone(Exception):
@@ -26,10 +32,14 @@ class ClientGone(Exception):
 class Generation:
     """One HTTP request's engine requests: submit, merge outputs, abort on exit."""
 
-    def __init__(self, state, base_id: str, prompts: list[list[int]],
+    def __init__(self, state, request, base_id: str, prompts: list[list[int]],
                  params: SamplingParams, priority: int, output_kind: str):
         self.state, self.base_id, self.prompts = state, base_id, prompts
-        self.params, self.priority, self.output_kind = params, priority, output_kind
+        self.params, self.output_kind = params, output_kind
+        # Clients choose their priority only where the server allows it.
+        self.priority = priority if state.cfg.allow_client_priority else 0
+        # Tenants share prefix-cache blocks only with themselves.
+        self.cache_salt = request.scope.get(PRINCIPAL)
         self.streams = []
         self.start = time.monotonic()
         self.completion_tokens = 0
@@ -43,6 +53,7 @@ class Generation:
                 rid = f"{self.base_id}-{i}"
                 stream = await llm.add_request(rid, {"prompt_token_ids": ids}, self.params,
                                                priority=self.priority,
+                                               cache_salt=self.cache_salt,
                                                output_kind=self.output_kind)
                 self.streams.append(stream)
                 self.state.active.add(rid)
@@ -51,13 +62,43 @@ class Generation:
             self.close()
             raise
 
+    async def submit_or_raise(self) -> None:
+        """`submit`, with the engine's refusals as `APIError`s (400 or 503)."""
+        try:
+            await self.submit()
+        except QueueFullError as e:
+            raise APIError(503, str(e), headers={"Retry-After": "1"}) from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param_of(str(e))) from None
+
+    async def collect(self) -> list:
+        """Every prompt's final output (for non-streaming responses)."""
+        finals = [None] * len(self.prompts)
+        async for i, out in self.outputs():
+            finals[i] = out
+        for out in finals:
+            for o in out.outputs if out is not None else ():
+                self.completion_tokens += len(o.token_ids)
+                self.finish_reasons.append(o.finish_reason)
+        if any(f is None or not f.finished for f in finals):
+            raise EngineDeadError("generation ended without a final output")
+        return finals
+
+    def usage(self, prompt_tokens: int) -> P.UsageInfo:
+        return P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,
+                           total_tokens=prompt_tokens + self.completion_tokens)
+
     async def outputs(self):
         """Yield (prompt index, output) from all streams as they come."""
         if len(self.streams) == 1:
             async for out in self.streams[0]:
                 yield 0, out
             return
-        q: asyncio.Queue = asyncio.Queue()
+        # Bounded: while the reader is busy, pumps wait and each stream keeps
+        # merging its outputs, so nothing piles up here either.
+        q: asyncio.Queue = asyncio.Queue(maxsize=len(self.streams))
 
         async def pump(i, stream):
             try:
@@ -86,9 +127,7 @@ class Generation:
         """Abort whatever has not finished; log the request if asked."""
         for stream in self.streams:
             self.state.active.discard(stream.request_id)
-            if not stream.finished:
-                stream.close()
-                self.state.metrics.on_abort(stream.request_id)
+            stream.close()  # aborts it if unfinished; the metrics hear of it then
         if self.state.cfg.enable_log_requests and self.submitted:
             request_logger.info(
                 "request %s: prompts=%d prompt_tokens=%d output_tokens=%d latency=%.3fs "
@@ -126,12 +165,27 @@ async def run_until_disconnect(request, coro):
     raise ClientGone()
 
 
+async def guarded_stream(gen: Generation, chunks):
+    """SSE chunks, then ``[DONE]``; a failure after the stream started is sent
+    in-band as an error chunk before ``[DONE]``."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+        logger.warning("stream %s failed: %r", gen.base_id, e)
+        yield error_chunk(e)
+    yield "data: [DONE]\n\n"
+
+
 class SSEResponse:
     """Server-Sent Events from an async iterator of strings; stops (and closes
-    the iterator, which aborts the requests) when the client disconnects."""
+    the iterator, which aborts the requests) when the client disconnects, or
+    when one chunk could not be handed to the socket within ``send_timeout``
+    seconds (a client that stopped reading: its blocks are freed, and what
+    it would have been sent is not kept)."""
 
-    def __init__(self, chunks, on_close):
-        self.chunks, self.on_close = chunks, on_close
+    def __init__(self, chunks, on_close, send_timeout: float | None = None):
+        self.chunks, self.on_close, self.send_timeout = chunks, on_close, send_timeout
         self.status_code = 200
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
                             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -142,8 +196,13 @@ class SSEResponse:
 
         async def produce():
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk.encode(),
-                            "more_body": True})
+                msg = {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+                try:
+                    await asyncio.wait_for(send(msg), self.send_timeout)
+                except TimeoutError:
+                    logger.warning("stream aborted: the client read nothing for %gs",
+                                   self.send_timeout)
+                    return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         producer = asyncio.ensure_future(produce())
@@ -165,7 +224,9 @@ class SSEResponse:
 
 
 def sse(obj) -> str:
-    data = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    """One event from a pydantic model, a dict, or already-encoded JSON."""
+    data = obj if isinstance(obj, str) else obj.model_dump_json() \
+        if hasattr(obj, "model_dump_json") else json.dumps(obj)
     return f"data: {data}\n\n"
 
 

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP surface; `jpaged.serve.openai.app` builds and runs it."""
