@@ -15,6 +15,9 @@ _LAZY = {
     "SamplingParams": "jpaged.sampling_params",
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",
+    "BeamSearchParams": "jpaged.sampling_params",
+    "BeamSearchOutput": "jpaged.outputs",
+    "BeamSearchSequence": "jpaged.outputs",
 }
 
 __all__ = list(_LAZY)

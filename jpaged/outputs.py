@@ -57,3 +57,23 @@ class RequestOutput:
     # Set when the request ended without being served: the `RequestRefused`
     # (cannot meet its deadline; AsyncLLM raises it to the caller).
     error: Exception | None = field(default=None)
+
+
+@dataclass(slots=True)
+class BeamSearchSequence:
+    """One hypothesis of `LLM.beam_search` (vLLM's fields): ``tokens`` are the
+    prompt's and the generated ones; ``score`` is the ranking score,
+    ``cum_logprob / generated_len ** length_penalty``."""
+
+    tokens: list[int]
+    logprobs: SampleLogprobs
+    cum_logprob: float
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    score: float = 0.0
+
+
+@dataclass(slots=True)
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first

@@ -63,6 +63,13 @@ class SamplingParams:
     logits_processors: dict | None = None
     # Filled by the engine: each enabled processor's packed row parameters.
     processor_rows: dict = field(default_factory=dict, repr=False)
+    # Beam search (transformers' names): num_beams > 1 runs a beam search of
+    # that width and returns its best num_return_sequences hypotheses.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    reuse_kv_cache: bool = True  # beams always share KV blocks; False is refused
     # Filled by the engine: the model's EOS ids (unless ignore_eos).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -134,11 +141,37 @@ class SamplingParams:
             bad("logits_processors", "must map processor names to their arguments")
         if self.output_kind not in OUTPUT_KINDS:
             bad("output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}")
+        self._check_beams(bad, number, integer)
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < _INT32
                    for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative 32-bit integers")
+
+    def _check_beams(self, bad, number, integer):
+        from jpaged.sample.beam_search import EARLY_STOPPING
+
+        if integer("num_beams") < 1:
+            bad("num_beams", "must be at least 1")
+        number("length_penalty")
+        if not any(self.early_stopping is v or self.early_stopping == v and isinstance(v, str)
+                   for v in EARLY_STOPPING):
+            bad("early_stopping", "must be True, False or 'never'")
+        if not 1 <= integer("num_return_sequences") <= self.num_beams:
+            bad("num_return_sequences", f"must be in [1, num_beams={self.num_beams}]")
+        if self.reuse_kv_cache is not True:
+            bad("reuse_kv_cache", "beams always share their KV blocks")
+        if self.num_beams == 1:
+            return
+        if self.n != 1:
+            bad("n", "must be 1 with num_beams > 1 (use num_return_sequences)")
+        if self.top_k or self.top_p < 1 or self.min_p:
+            bad("num_beams", "beam search takes no top_k, top_p or min_p")
+        if self.stop:
+            bad("stop", "beam search stops on EOS and stop_token_ids only")
+        if self.presence_penalty or self.frequency_penalty:
+            bad("num_beams", "beam search takes repetition_penalty, not presence or "
+                "frequency penalties")
 
     @property
     def greedy(self) -> bool:
@@ -148,3 +181,35 @@ class SamplingParams:
         import copy
 
         return copy.deepcopy(self)
+
+
+@dataclass
+class BeamSearchParams:
+    """`LLM.beam_search` parameters (vLLM's fields, plus transformers'
+    ``early_stopping``): ``beam_width`` beams, ``max_tokens`` new tokens
+    each; ``temperature`` scales the logits the beams are scored by."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        self.sampling_params()  # checks every field now
+
+    def sampling_params(self) -> SamplingParams:
+        """The equivalent `SamplingParams`: every beam returned, logprobs kept."""
+        if isinstance(self.beam_width, bool) or not isinstance(self.beam_width, int) \
+                or self.beam_width < 1:
+            raise ValueError(f"beam_width={self.beam_width!r} is invalid: must be a positive "
+                             "integer")
+        return SamplingParams(
+            num_beams=self.beam_width, num_return_sequences=self.beam_width,
+            max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+            temperature=self.temperature, length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
+            include_stop_str_in_output=self.include_stop_str_in_output, logprobs=0,
+            output_kind="final_only")

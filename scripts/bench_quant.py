@@ -121,6 +121,8 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}; text: {args.text}, {len(text_ids)} tokens")
 
     rows, base_logits, base_tokens = [], None, None
+    args_line = f"modes {args.modes}"
+    print(args_line)
     for mode in args.modes.split(","):
         dtype, quant = MODES[mode]
         start = time.perf_counter()
@@ -139,15 +141,14 @@ def main() -> None:
             base_logits, base_tokens = logits, tokens
         diff = max(float(np.abs(a - b).max()) for a, b in zip(logits, base_logits))
         same = np.mean([x == y for a, b in zip(tokens, base_tokens) for x, y in zip(a, b)])
-        rows.append((mode, nbytes, ppl[512], ppl[2048], diff, same))
-        print(f"{mode}: done in {time.perf_counter() - start:.0f}s", flush=True)
+        rows.append(f"| {mode} | {nbytes / 2**20:.1f} | {ppl[512]:.3f} | {ppl[2048]:.3f} | "
+                    f"{diff:.3f} | {same:.1%} |")
+        print(f"{mode}: done in {time.perf_counter() - start:.0f}s {rows[-1]}", flush=True)
 
     print(f"\n| mode | weight MiB | ppl @512 | ppl @2048 | max logit diff | greedy = baseline "
           f"({len(CHAT_PROMPTS)} x {args.greedy_tokens}) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for mode, nbytes, p512, p2048, diff, same in rows:
-        print(f"| {mode} | {nbytes / 2**20:.1f} | {p512:.3f} | {p2048:.3f} | {diff:.3f} | "
-              f"{same:.1%} |")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -108,4 +108,4 @@ def test_n_samples_rows_and_mid_prefill_rows_do_not_write_last_tokens():
     assert v["sample_token_rows"][:3].tolist() == [row] * 3
     assert v["logits_indices"][:3].tolist() == [3, 3, 3]
     assert np.allclose(v["temperature"][:3], 1.0)
-    assert v["flags"].tolist() == [0, 0, 0, 1]  # any_random only
+    assert v["flags"].tolist() == [0, 0, 0, 1, 0]  # any_random only

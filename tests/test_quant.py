@@ -308,3 +308,11 @@ def test_conflicting_quantization_flags():
     assert EngineConfig(quantization="fp8").weight_quantization == "fp8"
     with pytest.raises(ValueError, match="conflicting weight quantizations: int4, int8"):
         EngineConfig(load_4bit=True, load_8bit=True).weight_quantization
+
+
+def test_int4_group_size_falls_back_to_a_divisor():
+    """SmolLM2's 576-wide inputs take groups of 64 under group_size=128."""
+    assert quantize_int4(np.ones((2, 576), np.float32), 128).group_size == 64
+    assert quantize_int4(np.ones((2, 1536), np.float32), 128).group_size == 128
+    with pytest.raises(ValueError, match=r"shape \(2, 40\) in groups of 32"):
+        quantize_int4(np.ones((2, 40), np.float32), 128)

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from jpaged.config.engine import EngineConfig
 from jpaged.engine.llm_engine import LLMEngine
-from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import SamplingParams
+from jpaged.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from jpaged.sampling_params import BeamSearchParams, SamplingParams
 from jpaged.tokenizer import apply_chat_template
 
 
@@ -66,6 +66,34 @@ class LLM:
             engine.abort_request(ids)
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (given as to `generate`), inside the
+        engine: the beams of every prompt decode in the same steps and share
+        their KV blocks. Returns one `BeamSearchOutput` per prompt, its
+        ``beam_width`` sequences best first."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        sp = params.sampling_params()
+        outs = self.generate(prompts, sp, use_tqdm=use_tqdm)
+        tok = self.get_tokenizer()
+        results = []
+        for out in outs:
+            seqs = []
+            for c in out.outputs:
+                gen = list(c.token_ids)
+                if c.finish_reason == "stop" and not params.include_stop_str_in_output:
+                    gen = gen[:-1]
+                tokens = list(out.prompt_token_ids) + gen
+                n = max(len(c.token_ids), 1)
+                seqs.append(BeamSearchSequence(
+                    tokens=tokens, logprobs=c.logprobs, cum_logprob=c.cumulative_logprob,
+                    text=tok.decode(tokens, skip_special_tokens=True),
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    score=c.cumulative_logprob / n ** params.length_penalty))
+            results.append(BeamSearchOutput(seqs))
+        return results
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True):

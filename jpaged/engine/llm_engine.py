@@ -35,12 +35,15 @@ from jpaged.cache import KVCacheManager
 from jpaged.config.engine import ALLOWED_BLOCK_SIZES, EngineConfig
 from jpaged.config.model import ModelConfig
 from jpaged.model_loader.loader import load_model
+from jpaged.engine.beam_output import beam_request_output
 from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.outputs import RequestMetrics, RequestOutput
 from jpaged.runner.model_runner import ModelRunner, RunnerConfig, kv_bytes_per_block
 from jpaged.sample.logits_processors import resolve_processors
 from jpaged.sampling_params import SamplingParams
+from jpaged.sample.beam_search import MAX_BEAM_CANDIDATES, num_candidates
 from jpaged.sched import Request, RequestStatus, Scheduler, SchedulerConfig
+from jpaged.sched.beam import BeamGroup
 from jpaged.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -237,6 +240,13 @@ class LLMEngine:
             if max_tokens < 1:
                 raise ValueError(f"prompt has {len(ids)} tokens, no room under "
                                  f"max_model_len={self.max_model_len}")
+        if params.num_beams > 1:
+            k = num_candidates(params.num_beams, len(params.all_stop_token_ids))
+            if k > min(MAX_BEAM_CANDIDATES, self.model_config.vocab_size):
+                raise ValueError(
+                    f"num_beams={params.num_beams} with {len(params.all_stop_token_ids)} stop "
+                    f"ids keeps {k} candidates a step, over the "
+                    f"{min(MAX_BEAM_CANDIDATES, self.model_config.vocab_size)} the step returns")
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63 - 1))
         now = self.scheduler.clock() if arrival_time is None else arrival_time
         req = Request(request_id=request_id, group_id=request_id, prompt_token_ids=ids,
@@ -247,6 +257,8 @@ class LLMEngine:
                       else now + params.deadline_ms / 1000,
                       ttft_deadline=None if params.ttft_slo_ms is None
                       else now + params.ttft_slo_ms / 1000)
+        if params.num_beams > 1:
+            BeamGroup(req)
         self.scheduler.add_request(req)  # raises on max_model_len / cache size
         self.output.add(RequestState(request_id, text, ids, params,
                                      RequestMetrics(arrival_time=now), samples=[req]))
@@ -314,7 +326,10 @@ class LLMEngine:
         for gid in request_ids:
             state = self.output.pop(gid)
             if state is not None:
-                self.scheduler.finish_requests([r.request_id for r in state.samples],
+                reqs = state.samples
+                if reqs and reqs[0].beam is not None:
+                    reqs = reqs[0].beam.beams
+                self.scheduler.finish_requests([r.request_id for r in reqs],
                                                RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
@@ -328,6 +343,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         ended = self.output.end_early(out.expired, out.refused) \
             if out.expired or out.refused else []
+        ended += self._beam_outputs()  # beam searches past their deadline
         handle = None
         if out.scheduled:
             self._record_utilization()
@@ -347,27 +363,40 @@ class LLMEngine:
 
     def _process(self, handle) -> list[RequestOutput]:
         """Read a dispatched step's tokens and turn them into outputs."""
-        tokens, lp, rank, top_ids, top_lps, soff = handle.results()
+        tokens, lp, rank, top_ids, top_lps, soff, beam_ids, beam_lps = handle.results()
         out = handle.out
         if out.num_scheduled_tokens > len(out.scheduled):  # a prefill: teach the estimate
             self.scheduler.estimator.record(out.num_scheduled_tokens,
                                             time.perf_counter() - handle.dispatch_time)
         toks = tokens.tolist()
-        samples, results = [], {}
+        samples, results, beams = [], {}, {}
         for i, sr in enumerate(handle.out.scheduled):
             if not sr.num_samples:
                 samples.append(())
                 continue
             a, b = int(soff[i]), int(soff[i + 1])
             samples.append(toks[a:b])
+            if sr.request.beam is not None:
+                beams[i] = (beam_ids[a].tolist(), beam_lps[a].tolist())
             k = sr.request.sampling_params.logprobs
             if k is not None:
                 for j in range(a, b):
                     results[(sr.request.group_id, sr.request.sample_index + j - a)] = (
                         float(lp[j]), int(rank[j]), top_ids[j, :k], top_lps[j, :k])
-        updated = self.scheduler.update_from_output(handle.out, samples)
-        self.generation_tokens_total += len(updated)
-        return self.output.process(updated, results)
+        sched = self.scheduler
+        updated = sched.update_from_output(handle.out, samples, beams)
+        self.generation_tokens_total += len(updated) + len(beams)
+        return self.output.process(updated, results) + self._beam_outputs()
+
+    def _beam_outputs(self) -> list[RequestOutput]:
+        """Final outputs of the beam searches the scheduler finished."""
+        outputs = []
+        for group in self.scheduler.finished_beam_groups:
+            state = self.output.pop(group.group_id)
+            if state is not None:
+                outputs.append(beam_request_output(state, group, self.tokenizer))
+        self.scheduler.finished_beam_groups.clear()
+        return outputs
 
     def _record_utilization(self) -> None:
         """Peak KV usage and concurrency, and the share of allocated KV slots

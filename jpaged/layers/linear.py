@@ -134,7 +134,12 @@ def quantize_int8(w: np.ndarray) -> QuantizedWeight:
 
 def quantize_int4(w: np.ndarray, group_size: int = 128) -> QuantizedWeight:
     """Asymmetric 4-bit: per group of ``group_size`` inputs a float32 scale and a
-    uint8 zero point in [0, 15], ``w ~= (q - zero) * scale`` (W4A16)."""
+    uint8 zero point in [0, 15], ``w ~= (q - zero) * scale`` (W4A16). An input
+    width that ``group_size`` does not divide (SmolLM2's 576 and 128) takes the
+    largest of the halvings down to 32 that does."""
+    n = np.shape(w)[-1]
+    while n % group_size and group_size > 32:
+        group_size //= 2
     w = _check_2d(w, group_size)
     out, n = w.shape
     g = w.reshape(out, n // group_size, group_size)

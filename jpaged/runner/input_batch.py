@@ -65,6 +65,7 @@ class InputBatch:
         self.processors = processors
         self.proc_params = [np.zeros((r, p.num_params), np.int32) for p in processors]
         self.proc_on = [np.zeros(r, bool) for _ in processors]
+        self.beam = np.zeros(r, bool)  # beam-search rows: the step returns their top tokens
 
     # ------------------------------------------------------------ rows
     def release(self, req_ids) -> None:
@@ -107,6 +108,9 @@ class InputBatch:
             on[row] = p.name in rows
             if on[row]:
                 params[row] = rows[p.name]
+        self.beam[row] = req.beam is not None
+        if req.beam is not None:  # its tokens come from the top-k, never from a draw
+            self.random[row] = self.filtered[row] = self.logprobs[row] = False
         return row
 
     # ------------------------------------------------------------ a step
@@ -131,6 +135,12 @@ class InputBatch:
                     penalty_rows.append(row)
             else:
                 row = self.rows[req.request_id]
+                if req.beam is not None:
+                    # A beam's next token is the host's choice, not the row's
+                    # last sampled one: write it (one token a step).
+                    k, m = int(self.num_known[row]), req.num_tokens
+                    self.tokens[row, k:m] = req.all_token_ids[k:m]
+                    self.num_known[row] = m
                 if sr.block_ids:
                     k = len(sr.block_ids)
                     self.block_table[row, sr.block_offset:sr.block_offset + k] = sr.block_ids
@@ -220,7 +230,7 @@ class InputBatch:
         ban = ol < self.min_tokens[r]
         v["banned"][:total_rows][ban] = self.banned[r[ban]]
         v["flags"][:] = (self.penalized[r].any(), self.filtered[r].any(), self.logprobs[r].any(),
-                         self.random[r].any())
+                         self.random[r].any(), self.beam[r].any())
         for p, params, on in zip(self.processors, self.proc_params, self.proc_on):
             v[f"lp.{p.name}"][:total_rows] = params[r]
             v[f"lpon.{p.name}"][:total_rows] = on[r]

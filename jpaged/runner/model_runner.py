@@ -38,7 +38,8 @@ from jpaged.layers.attention import AttentionMetadata
 from jpaged.runner.buckets import bucket_for, token_buckets
 from jpaged.runner.input_batch import MAX_BANNED, BuiltStep, InputBatch
 from jpaged.runner.step_inputs import StepLayout
-from jpaged.sample.sampler import sample
+from jpaged.sample.beam_search import MAX_BEAM_CANDIDATES
+from jpaged.sample.sampler import beam_candidates, sample
 from jpaged.sched.output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,13 @@ class StepHandle:
             a.copy_to_host_async()
 
     def results(self):
-        """``(tokens, logprob, rank, top_ids, top_logprobs, sample_offsets)``:
-        numpy arrays over sample rows (blocks until the step is done)."""
-        tokens, lp, rank, top_ids, top_lps = (np.asarray(a) for a in self._arrays)
-        return tokens, lp, rank, top_ids, top_lps, self.built.sample_offsets
+        """``(tokens, logprob, rank, top_ids, top_logprobs, sample_offsets,
+        beam_ids, beam_logprobs)``: numpy arrays over sample rows (blocks until
+        the step is done); the last two are beam rows' best next tokens."""
+        tokens, lp, rank, top_ids, top_lps, beam_ids, beam_lps = (
+            np.asarray(a) for a in self._arrays)
+        return (tokens, lp, rank, top_ids, top_lps, self.built.sample_offsets, beam_ids,
+                beam_lps)
 
 
 class ModelRunner:
@@ -140,6 +144,9 @@ class ModelRunner:
         logits = model.compute_logits(hidden[inp.logits_indices])  # [S, V]
         results = sample(logits, inp.sampling, token_table, self.cfg.max_logprobs,
                          self.cfg.logits_processors, inp.processors)
+        results += beam_candidates(logits, inp.sampling, token_table,
+                                   min(MAX_BEAM_CANDIDATES, logits.shape[-1]),
+                                   self.cfg.logits_processors, inp.processors)
         last_tokens = last_tokens.at[inp.sampling.token_rows].set(results[0], mode="drop")
         return kv_caches, block_table, token_table, last_tokens, results
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from jpaged.sample.sampler import SamplingMetadata
 
-NUM_FLAGS = 4  # any_penalty, any_filter, any_logprobs, any_random
+NUM_FLAGS = 5  # any_penalty, any_filter, any_logprobs, any_random, any_beam
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty")
 
@@ -111,7 +111,7 @@ class StepLayout:
             prompt_len=f["prompt_len"], token_rows=f["sample_token_rows"],
             banned=f["banned"].reshape(self.num_seqs, self.num_banned),
             any_penalty=flags[0], any_filter=flags[1], any_logprobs=flags[2],
-            any_random=flags[3])
+            any_random=flags[3], any_beam=flags[4])
         procs = tuple((f[f"lp.{p.name}"].reshape(self.num_seqs, p.num_params),
                        f[f"lpon.{p.name}"] != 0) for p in self.processors)
         names = {fl.name for fl in dataclasses.fields(StepInputs)} - {"sampling", "processors"}

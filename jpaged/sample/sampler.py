@@ -45,6 +45,7 @@ class SamplingMetadata:
     any_filter: jax.Array  # [] bool (some row uses top-k, top-p or min-p)
     any_logprobs: jax.Array  # [] bool
     any_random: jax.Array  # [] bool (some row samples; else all greedy, no RNG work)
+    any_beam: jax.Array  # [] bool (some row is a beam: return its best next tokens)
 
 
 def _penalize(logits, md: SamplingMetadata, token_table):
@@ -135,3 +136,29 @@ def sample(
 
     top_ids, top_lps = jax.lax.cond(md.any_logprobs, top, no_top, raw_logprobs)
     return tokens, tok_lp, rank, top_ids, top_lps
+
+
+def beam_candidates(logits, md: SamplingMetadata, token_table, k: int,
+                    processors: tuple = (), processor_inputs: tuple = ()):
+    """Each row's best ``k`` next tokens for beam search: ``(ids [S, k], logprobs
+    [S, k])``, zeros unless some row is a beam. As transformers' beam search,
+    the scores are the logprobs (of the logits over the temperature, if any)
+    with the penalties, banned ids (-inf) and logits processors applied to them."""
+    num_rows = logits.shape[0]
+
+    def run(logits):
+        temp = jnp.where(md.temperature <= 1e-5, 1.0, md.temperature)[:, None]
+        lp = jax.nn.log_softmax(logits / temp, axis=-1)
+        lp = jax.lax.cond(md.any_penalty, lambda l: _penalize(l, md, token_table),
+                          lambda l: l, lp)
+        lp = lp.at[jnp.arange(num_rows)[:, None], md.banned].set(-jnp.inf, mode="drop")
+        if processors:
+            ctx = ProcessorContext(token_table, md.token_rows, md.prompt_len + md.output_len)
+            lp = apply_processors(lp, processors, processor_inputs, ctx)
+        vals, ids = jax.lax.top_k(lp, k)
+        return ids.astype(jnp.int32), vals
+
+    def none(logits):
+        return jnp.zeros((num_rows, k), jnp.int32), jnp.zeros((num_rows, k), jnp.float32)
+
+    return jax.lax.cond(md.any_beam, run, none, logits)

@@ -49,6 +49,7 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     forked: bool = False  # True once the n-1 siblings exist
+    beam: object = None  # the BeamGroup (sched/beam.py) this live beam belongs to
     # Sampling record
     cumulative_logprob: float = 0.0
     logprobs: list = field(default_factory=list)
@@ -81,7 +82,10 @@ class Request:
 
     @property
     def num_seqs(self) -> int:
-        """Sequences this request will occupy: n for a prompt not yet forked."""
+        """Sequences this request will occupy: n for a prompt not yet forked;
+        a beam group's width, counted on its best beam."""
+        if self.beam is not None:
+            return self.beam.num_seqs(self)
         return 1 if self.forked else self.sampling_params.n
 
     @property

@@ -27,6 +27,9 @@ also orders the waiting queue and picks preemption victims.
    placeholders) and forks ``n > 1`` prompts into siblings. Stop conditions
    are the engine's output processor's; it calls `finish_requests`, which
    frees the blocks at once.
+5. Beam groups (`sched/beam.py`): each live beam is a request; a group is
+   preempted and admitted as a whole, and waits while a step of its beams is
+   in flight (its rows change when that step's choice is known).
 
 Tested with the real engine in tests/test_engine.py and alone in
 tests/test_scheduler.py.
@@ -84,6 +87,8 @@ class Scheduler:
         self._freed: list[str] = []
         self._in_batch: set[str] = set()  # scheduled since they last joined the batch
         self.num_preemptions = 0
+        self.finished_beam_groups: list = []  # searches done since the engine last looked
+        self._groups_this_step: set[int] = set()  # ids of beam groups scheduled in this step
 
     # ------------------------------------------------------------ admission
     def add_request(self, req: Request) -> None:
@@ -100,6 +105,18 @@ class Scheduler:
         if req.sampling_params.n > self.config.max_num_seqs:
             raise ValueError(f"n={req.sampling_params.n} is over max_num_seqs="
                              f"{self.config.max_num_seqs}")
+        if req.beam is not None:
+            w = req.sampling_params.num_beams
+            if w > self.config.max_num_seqs:
+                raise ValueError(f"num_beams={w} is over max_num_seqs={self.config.max_num_seqs}")
+            # After a recompute preemption without prefix caching, every beam
+            # holds its own copy of the prompt: the group must fit unshared.
+            if not self.kv.can_fit_ever(w * self.kv.block_size
+                                        * self.kv.num_blocks_needed(n_total)):
+                raise ValueError(
+                    f"num_beams={w} beams of {n_total} tokens need up to "
+                    f"{w * self.kv.num_blocks_needed(n_total)} KV blocks but the whole cache "
+                    f"has {self.kv.num_blocks - 1}; raise kv_cache_memory or lower max_tokens")
         why = self.policy.refuse(req, self.clock())
         if why is not None:
             raise RequestRefused(req.group_id, why, max(
@@ -118,7 +135,10 @@ class Scheduler:
     # ----------------------------------------------------------- scheduling
     def _waits_for_token(self, req: Request) -> bool:
         """Whether ``req`` must wait for its in-flight token before it can run:
-        its ``n > 1`` fork is pending, or that token is its last."""
+        its ``n > 1`` fork is pending, or that token is its last; a beam
+        waits while its group has a step in flight or for its group's choice."""
+        if req.beam is not None:
+            return req.beam.waits(req, self._groups_this_step)
         if not req.num_output_placeholders:
             return False
         if not req.forked:
@@ -126,19 +146,39 @@ class Scheduler:
         return (req.num_output_tokens + req.num_output_placeholders >= req.max_tokens
                 or req.num_tokens + req.num_output_placeholders >= self.config.max_model_len)
 
-    def _victim(self, exclude: set[str]) -> Request:
+    def _victim(self, exclude: set[str]) -> Request | None:
         """Lowest-priority running request not already handed to this step
-        (never one whose fork is pending: its siblings need its blocks)."""
+        (never one whose fork is pending: its siblings need its blocks; never
+        a beam of a group in flight or partly handed to this step)."""
         candidates = [r for r in self.running if r.request_id not in exclude
-                      and (r.forked or not r.num_output_placeholders)]
+                      and (r.forked or not r.num_output_placeholders)
+                      and (r.beam is None or not (r.beam.in_flight() or any(
+                          b.request_id in exclude for b in r.beam.beams)))]
+        if not candidates:
+            return None
         return self.policy.victim(candidates, self.clock())
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def _preempt_group(self, req: Request, out: SchedulerOutput) -> None:
+        """Preempt ``req``, or its whole beam group: swapped only if every beam
+        can be and none holds candidates (their KV would be needed to fork),
+        else recomputed."""
+        if req.beam is None:
+            return self._preempt(req, out)
+        group = req.beam
+        beams = [b for b in group.beams if b.status == RequestStatus.RUNNING]
+        need = sum(len(self.kv.get_block_ids(b.request_id)) for b in beams)
+        swap = (not group.pending and all(self.kv.get_block_ids(b.request_id) for b in beams)
+                and need <= self.kv.num_host_blocks - self.kv.num_used_host_blocks)
+        group.forget_candidates()
+        for b in reversed(beams):
+            self._preempt(b, out, swap)
+
+    def _preempt(self, req: Request, out: SchedulerOutput, swap: bool = True) -> None:
         self.running.remove(req)
         req.num_preemptions += 1
         self.num_preemptions += 1
         out.num_preempted += 1
-        if (self.config.preemption_mode == "swap" and not out.swap_in
+        if (swap and self.config.preemption_mode == "swap" and not out.swap_in
                 and self.kv.can_swap_out(req.request_id)):
             out.swap_out += self.kv.swap_out(req.request_id)
             req.status = RequestStatus.SWAPPED
@@ -176,6 +216,9 @@ class Scheduler:
             started = req.num_output_tokens + req.num_output_placeholders > 0
             if req.deadline is not None and now >= req.deadline and (
                     started or req.status != RequestStatus.WAITING or req.num_preemptions):
+                if req.beam is not None:  # the whole search ends, with its best beams so far
+                    self._expire_group(req.beam)
+                    continue
                 req.stop_reason = "deadline"
                 self.finish_requests([req.request_id], RequestStatus.FINISHED_LENGTH)
                 out.expired.append(req)
@@ -187,6 +230,17 @@ class Scheduler:
                     req.stop_reason = "refused"
                     out.refused.append((req, RequestRefused(req.group_id, why, wait)))
 
+    def _expire_group(self, group) -> None:
+        """End a beam search past its deadline: its live beams become its
+        hypotheses (as an aborted search) and it is listed as finished."""
+        group.final_beams = [(b.output_token_ids, b.logprobs, b.cumulative_logprob)
+                             for b in group.beams]
+        group.pending.clear()
+        for b in group.beams:
+            b.stop_reason = "deadline"
+        self.finish_requests([b.request_id for b in group.beams], RequestStatus.FINISHED_LENGTH)
+        self.finished_beam_groups.append(group)
+
     def _queued_tokens(self) -> int:
         return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
 
@@ -197,11 +251,12 @@ class Scheduler:
         now = self.clock()
         self._apply_deadlines(out, now)
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if self._waits_for_token(req):
-                i += 1
+        self._groups_this_step = set()
+        # A snapshot: preemption (of a whole beam group, too) removes entries.
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING or self._waits_for_token(req):
                 continue
             num_new = min(req.num_tokens + req.num_output_placeholders
                           - req.num_computed_tokens, budget)
@@ -213,16 +268,20 @@ class Scheduler:
                 if block_ids is not None:
                     break
                 victim = self._victim(scheduled_ids)
-                self._preempt(victim, out)
-                if victim is req:
+                if victim is None:  # only beams of req's own, partly scheduled group
+                    break
+                self._preempt_group(victim, out)
+                if req.status != RequestStatus.RUNNING:
                     break
             if block_ids is None:
-                continue  # req was preempted; running shrank, i stays
+                continue  # req was preempted, or runs next step
             self._add_scheduled(out, req, num_new, block_ids, now)
             scheduled_ids.add(req.request_id)
+            if req.beam is not None:
+                self._groups_this_step.add(id(req.beam))
             budget -= num_new
-            i += 1
 
+        self._groups_this_step = set()
         if out.num_preempted == 0:
             self._schedule_waiting(out, budget, now)
         out.copies = self.kv.take_pending_copies()
@@ -233,10 +292,18 @@ class Scheduler:
         num_seqs = self.num_running_seqs
         while self.waiting and budget > 0:
             req = self._next_waiting()
-            if num_seqs + req.num_seqs > self.config.max_num_seqs:
+            seqs = req.num_seqs if req.beam is None else req.beam.width
+            if num_seqs + seqs > self.config.max_num_seqs:
                 break
             if req.num_output_placeholders:
                 break  # preempted with a token in flight: it returns once that is known
+            if req.beam is not None:
+                admitted = self._admit_group(req.beam, out, budget, now)
+                if admitted is None:
+                    break
+                num_seqs += req.beam.width
+                budget -= admitted
+                continue
             if req.status == RequestStatus.SWAPPED:
                 if out.swap_out or not self.kv.can_swap_in(req.request_id):
                     break
@@ -271,6 +338,54 @@ class Scheduler:
             self._add_scheduled(out, req, num_new, block_ids, now)
             budget -= num_new
 
+    def _admit_group(self, group, out: SchedulerOutput, budget: int, now: float) -> int | None:
+        """Bring every waiting beam of ``group`` back, or none (a group runs
+        only whole): all their blocks must fit now. Beams past the token
+        budget join the running list and compute from the next step.
+
+        Returns the tokens scheduled, or None if the group does not fit."""
+        beams = [b for b in self.waiting if b.beam is group]
+        swapped = beams[0].status == RequestStatus.SWAPPED
+        if swapped:
+            # Their blocks, and one more each for the token they compute next.
+            need = sum(len(self.kv.req_to_host_blocks.get(b.request_id, ())) + 1 for b in beams)
+            if out.swap_out or need > self.kv.num_free_blocks:
+                return None
+        else:
+            hits = {b.request_id: self.kv.get_computed_blocks(
+                b.request_id, b.all_token_ids, b.cache_salt) for b in beams}
+            revived = {i for ids, _ in hits.values() for i in ids
+                       if self.kv.pool.blocks[i].ref_cnt == 0}
+            need = len(revived) + sum(self.kv.num_blocks_needed(b.num_tokens) - len(ids)
+                                      for b, (ids, _) in zip(beams, hits.values()))
+            if need > self.kv.num_free_blocks:
+                return None
+        used = 0
+        for b in beams:
+            self.waiting.remove(b)
+            if swapped:
+                out.swap_in += self.kv.swap_in(b.request_id)
+                num_cached, hit_ids = b.num_computed_tokens, ()
+            else:
+                # Asked again: another beam's new blocks may have evicted a
+                # free cached one (which then costs one new block, as counted).
+                hit_ids, num_cached = self.kv.get_computed_blocks(
+                    b.request_id, b.all_token_ids, b.cache_salt)
+                b.num_computed_tokens = num_cached
+                if b.num_cached_tokens < 0:
+                    b.num_cached_tokens = num_cached
+            num_new = min(b.num_tokens - num_cached, budget - used)
+            block_ids = self.kv.allocate_slots_delta(
+                b.request_id, b.all_token_ids, num_cached, num_new, hit_ids,
+                cache_salt=b.cache_salt)
+            assert block_ids is not None, "the group's blocks were counted"
+            b.status = RequestStatus.RUNNING
+            self.running.append(b)
+            if num_new:
+                self._add_scheduled(out, b, num_new, block_ids, now)
+                used += num_new
+        return used
+
     def _add_scheduled(self, out, req, num_new, block_ids, now) -> None:
         """Hand ``req`` to this step: advance its computed tokens now (the next
         step may be scheduled before this one's tokens are read) and count the
@@ -289,12 +404,14 @@ class Scheduler:
         if done:
             req.num_output_placeholders += 1
         out.scheduled.append(ScheduledRequest(
-            req, num_new, block_offset, block_ids, num_samples=(req.num_seqs if done else 0),
+            req, num_new, block_offset, block_ids,
+            num_samples=(1 if req.beam is not None else req.num_seqs) if done else 0,
             start=start, joined=joined))
         out.num_scheduled_tokens += num_new
 
     # --------------------------------------------------------------- update
-    def update_from_output(self, out: SchedulerOutput, samples: list[list[int]]) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, samples: list[list[int]],
+                           beam_candidates=None) -> list[Request]:
         """Apply a step's sampled tokens. ``samples[i]`` holds the token of each
         sample row of ``out.scheduled[i]`` (empty mid-prefill).
 
@@ -302,14 +419,26 @@ class Scheduler:
         prompt included), in a stable order. A request that finished or was
         aborted since the step was scheduled gets nothing; one preempted since
         still gets its token (it is part of the sequence it will recompute).
+        A beam gets no token here: ``beam_candidates[i]`` (its best next
+        tokens and their logprobs) goes to its group, which chooses the next
+        beams once every beam has its candidates (finished searches are then
+        listed in ``finished_beam_groups``).
         """
         updated: list[Request] = []
-        for sr, toks in zip(out.scheduled, samples):
+        for i, (sr, toks) in enumerate(zip(out.scheduled, samples)):
             req = sr.request
             if not toks or req.status.finished:
                 continue
             req.num_output_placeholders -= 1
             assert req.num_output_placeholders >= 0, req.request_id
+            if req.beam is not None:
+                group = req.beam
+                group.record(req, *beam_candidates[i])
+                if group.ready():
+                    group.advance(self)
+                    if group.state.done:
+                        self.finished_beam_groups.append(group)
+                continue
             family = [req]
             if len(toks) > 1:
                 family += self._fork(req, len(toks) - 1)

@@ -74,3 +74,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest request head (request line and headers) accepted")
     g.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    g.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the gRPC API (jpaged.v1.Generation) on this port")
+    a = p.add_argument_group("authentication")
+    a.add_argument("--auth", default=None,
+                   help="authenticator: api-key (the default when a key is given), oidc, "
+                        "or one installed under the jpaged.auth entry point group")
+    a.add_argument("--oidc-issuer", default=None, help="OIDC: the exact 'iss' expected")
+    a.add_argument("--oidc-audience", default=None, help="OIDC: the 'aud' expected")
+    a.add_argument("--oidc-jwks", default=None,
+                   help="OIDC: the issuer's signing keys, a JWKS file or an http(s) URL")
+    a.add_argument("--oidc-required-scope", default=None,
+                   help="OIDC: space-separated scopes every token must grant")

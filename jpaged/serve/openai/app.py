@@ -2,9 +2,11 @@
 
 The life of a request:
 
-1. `APIKeyMiddleware` checks the key (route from ``scope["path"]``), then
-   `DrainMiddleware` refuses new generation work with 503 while the server
-   is shutting down and counts the requests in flight.
+1. `AuthMiddleware` asks the configured authenticator (API keys, OIDC or a
+   plugin; route from ``scope["path"]``), then `DrainMiddleware` refuses new
+   generation work with 503 while the server is shutting down and counts the
+   requests in flight. WebSocket streams (``/v1/stream``, `routes_ws`) go
+   through the same routes and the same authenticator.
 2. The route reads the body under ``max_request_bytes`` and validates it with
    the pydantic models of `protocol`; any failure is a 400 in OpenAI's error
    shape (never 422). Unknown fields are logged and ignored.
@@ -15,10 +17,12 @@ The life of a request:
    ``http.disconnect``; streaming ones are sent as Server-Sent Events by
    `SSEResponse`, which also watches for the disconnect. Either way a client
    that goes away aborts its requests, and the engine frees their blocks.
-5. On SIGTERM the server answers new work with 503, waits up to
-   ``shutdown_timeout`` for requests in flight, aborts the rest, and exits;
-   a second SIGTERM (or Ctrl-C) aborts them at once. Either way the engine
-   loop is shut down before the process exits.
+5. On SIGTERM the server answers new work with 503 (gRPC: UNAVAILABLE),
+   waits up to ``shutdown_timeout`` for requests in flight (HTTP, WebSocket
+   and gRPC alike), aborts the rest, and exits; a second SIGTERM (or Ctrl-C)
+   aborts them at once. Either way the engine loop is shut down before the
+   process exits. With ``grpc_port`` set, `jpaged.serve.grpc` serves the
+   gRPC API on the same engine, state and authenticator.
 
 Tested end to end with uvicorn on 127.0.0.1 and the official ``openai``
 client (tests/test_server*.py).
@@ -35,10 +39,11 @@ import time
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from jpaged.engine.async_llm import AsyncLLM, EngineDeadError
-from jpaged.serve.auth import APIKeyMiddleware
+from jpaged.serve.auth_plugins import APIKeyAuth, AuthMiddleware
+from jpaged.serve.device_metrics import DeviceCollector
 from jpaged.serve.http import uvicorn_config
 from jpaged.serve.logsafe import get_logger
 from jpaged.serve.metrics import ServerMetrics
@@ -46,6 +51,7 @@ from jpaged.serve.openai import routes_misc as misc
 from jpaged.serve.openai.errors import APIError, error_response, param_of
 from jpaged.serve.openai.routes_chat import chat_completions
 from jpaged.serve.openai.routes_completions import completions
+from jpaged.serve.openai.routes_ws import stream_ws
 from jpaged.serve.openai.state import ServeConfig, ServerState, serve_config_from_args
 
 logger = get_logger(__name__)
@@ -95,8 +101,10 @@ class DrainMiddleware:
 
 
 def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = None):
-    """The Starlette app (wrapped in the drain and API-key middlewares)."""
-    metrics = metrics or ServerMetrics(cfg.served_model_names[0])
+    """The Starlette app (wrapped in the drain and auth middlewares)."""
+    if metrics is None:
+        metrics = ServerMetrics(cfg.served_model_names[0])
+        metrics.registry.register(DeviceCollector())
     if metrics not in llm.stat_loggers:
         llm.stat_loggers.append(metrics)
     state = ServerState(llm, cfg, metrics)
@@ -109,6 +117,7 @@ def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = N
         Route("/detokenize", _wrap(misc.detokenize), methods=["POST"]),
         Route("/v1/completions", _wrap(completions), methods=["POST"]),
         Route("/v1/chat/completions", _wrap(chat_completions), methods=["POST"]),
+        WebSocketRoute("/v1/stream", stream_ws),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
                                                        Exception: _server_error})
@@ -116,7 +125,10 @@ def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = N
     for name in ("uvicorn.access", "uvicorn.error"):  # they log request paths
         get_logger(name)
     public = {"/health"} | ({"/metrics"} if cfg.metrics_public else set())
-    outer = APIKeyMiddleware(DrainMiddleware(app, state), cfg.api_keys, public)
+    # The authenticator: the configured one, else API keys if there are any.
+    keys = [k for k in cfg.api_keys if k]
+    state.auth = cfg.auth if cfg.auth is not None else (APIKeyAuth(keys) if keys else None)
+    outer = AuthMiddleware(DrainMiddleware(app, state), state.auth, public)
     outer.state = state  # for run_server and tests
     # The engine and the libraries are loaded by now and live as long as the
     # process: freezing them keeps the garbage collector's full passes (which
@@ -185,11 +197,19 @@ def run_server(args) -> int:
     state.server = server
 
     async def main():
+        grpc_server = None
+        if cfg.grpc_port is not None:
+            from jpaged.serve.grpc.server import start_grpc_server
+
+            grpc_server = await start_grpc_server(llm, cfg.grpc_port, state.auth, state=state,
+                                                  host=args.host)
         watch = asyncio.ensure_future(_drain_watch(state))
         try:
             await server.serve()
         finally:
             watch.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=0.5)  # the drain has already waited
 
     try:
         asyncio.run(main())

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from jpaged.engine.async_llm import AsyncLLM
+from jpaged.serve.auth_plugins import authenticator_from_args
 from jpaged.serve.logsafe import get_logger
 from jpaged.serve.metrics import ServerMetrics
 from jpaged.serve.openai import protocol as P
@@ -56,6 +57,9 @@ class ServeConfig:
     request_body_timeout: float = 30.0
     tokenizer_workers: int = 4
     default_deadline_ms: float | None = None  # for requests without deadline_ms
+    # An authenticator (`jpaged.serve.auth_plugins`); None: API keys, if any.
+    auth: object | None = None
+    grpc_port: int | None = None
 
 
 def serve_config_from_args(args) -> ServeConfig:
@@ -80,7 +84,9 @@ def serve_config_from_args(args) -> ServeConfig:
                        default_deadline_ms=getattr(args, "default_deadline_ms", None),
                        send_timeout=args.send_timeout,
                        request_body_timeout=args.request_timeout,
-                       tokenizer_workers=args.tokenizer_workers)
+                       tokenizer_workers=args.tokenizer_workers,
+                       auth=authenticator_from_args(args, keys),
+                       grpc_port=getattr(args, "grpc_port", None))
 
 
 class ServerState:
@@ -106,6 +112,7 @@ class ServerState:
         self.inflight = 0
         self.active: set[str] = set()  # engine request ids being served
         self.server = None  # the uvicorn.Server, when run by run_server
+        self.auth = None  # the authenticator build_app chose (shared with gRPC)
 
     async def in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
