@@ -39,9 +39,9 @@ from jpaged.engine.beam_output import beam_request_output
 from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.outputs import RequestMetrics, RequestOutput
 from jpaged.runner.model_runner import ModelRunner, RunnerConfig, kv_bytes_per_block
+from jpaged.sample.beam_search import MAX_BEAM_CANDIDATES, num_candidates
 from jpaged.sample.logits_processors import resolve_processors
 from jpaged.sampling_params import SamplingParams
-from jpaged.sample.beam_search import MAX_BEAM_CANDIDATES, num_candidates
 from jpaged.sched import Request, RequestStatus, Scheduler, SchedulerConfig
 from jpaged.sched.beam import BeamGroup
 from jpaged.tokenizer import load_tokenizer

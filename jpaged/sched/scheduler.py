@@ -16,12 +16,10 @@ One step:
    the next step may be scheduled before this step's tokens are known
    (async scheduling). A request whose last token is in flight (it reaches
    ``max_tokens``) or whose ``n > 1`` fork is pending waits for the token.
-Deadlines (every policy): at the start of each step a running request past
-its ``deadline`` ends with its partial output (``stop_reason="deadline"``), and
-a waiting one that has no token yet and is past its deadline, its
-time-to-first-token deadline or ``max_queue_wait_ms`` is refused, as is one
-the policy's admission control refuses (`jpaged.sched.policy`). The policy
-also orders the waiting queue and picks preemption victims.
+Deadlines (every policy, `jpaged.sched.deadlines`) are applied at the start
+of each step. The policy (`jpaged.sched.policy`) refuses at admission, orders
+the waiting queue and picks preemption victims (a beam group's victim is
+preempted whole).
 
 4. `update_from_output` appends the sampled tokens (replacing the
    placeholders) and forks ``n > 1`` prompts into siblings. Stop conditions
@@ -42,9 +40,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from jpaged.cache import KVCacheManager
+from jpaged.sched.deadlines import apply_deadlines
 from jpaged.sched.output import ScheduledRequest, SchedulerOutput
-from jpaged.sched.policy import BUILTIN_POLICIES, FCFSPolicy, PrefillEstimator, \
-    RequestRefused, resolve_policy
+from jpaged.sched.policy import BUILTIN_POLICIES, PrefillEstimator, RequestRefused, \
+    resolve_policy
 from jpaged.sched.request import Request, RequestStatus
 
 POLICIES = tuple(BUILTIN_POLICIES)  # or "module:Class", or an entry point name
@@ -193,54 +192,6 @@ class Scheduler:
     def _next_waiting(self) -> Request:
         return self.policy.next_waiting(self.waiting, self.clock())
 
-    def _refusal(self, req: Request, now: float) -> str | None:
-        """Why a waiting request without a token must be refused now, if it must."""
-        if req.deadline is not None and now >= req.deadline:
-            return "its deadline passed while it waited"
-        if req.ttft_deadline is not None and now >= req.ttft_deadline:
-            return "its time-to-first-token SLO passed while it waited"
-        wait = self.config.max_queue_wait_ms
-        if wait is not None and (now - req.arrival_time) * 1000 >= wait:
-            return f"it waited max_queue_wait_ms={wait:g}"
-        return self.policy.refuse(req, now)
-
-    def _apply_deadlines(self, out: SchedulerOutput, now: float) -> None:
-        """End running requests past their deadline; refuse waiting ones that
-        cannot make theirs (a preempted one with output ends like a running one)."""
-        if not self._timed and self.config.max_queue_wait_ms is None \
-                and type(self.policy).refuse is FCFSPolicy.refuse:
-            return  # nothing can expire or be refused
-        for req in list(self.running) + list(self.waiting):
-            if req.status.finished:
-                continue
-            started = req.num_output_tokens + req.num_output_placeholders > 0
-            if req.deadline is not None and now >= req.deadline and (
-                    started or req.status != RequestStatus.WAITING or req.num_preemptions):
-                if req.beam is not None:  # the whole search ends, with its best beams so far
-                    self._expire_group(req.beam)
-                    continue
-                req.stop_reason = "deadline"
-                self.finish_requests([req.request_id], RequestStatus.FINISHED_LENGTH)
-                out.expired.append(req)
-            elif not started and req.status == RequestStatus.WAITING and req.num_preemptions == 0:
-                why = self._refusal(req, now)
-                if why is not None:
-                    wait = max(self.estimator.seconds(self._queued_tokens()), 1.0)
-                    self.finish_requests([req.request_id], RequestStatus.FINISHED_ABORTED)
-                    req.stop_reason = "refused"
-                    out.refused.append((req, RequestRefused(req.group_id, why, wait)))
-
-    def _expire_group(self, group) -> None:
-        """End a beam search past its deadline: its live beams become its
-        hypotheses (as an aborted search) and it is listed as finished."""
-        group.final_beams = [(b.output_token_ids, b.logprobs, b.cumulative_logprob)
-                             for b in group.beams]
-        group.pending.clear()
-        for b in group.beams:
-            b.stop_reason = "deadline"
-        self.finish_requests([b.request_id for b in group.beams], RequestStatus.FINISHED_LENGTH)
-        self.finished_beam_groups.append(group)
-
     def _queued_tokens(self) -> int:
         return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
 
@@ -249,7 +200,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
         now = self.clock()
-        self._apply_deadlines(out, now)
+        apply_deadlines(self, out, now)
 
         self._groups_this_step = set()
         # A snapshot: preemption (of a whole beam group, too) removes entries.
