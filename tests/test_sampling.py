@@ -258,7 +258,8 @@ def _metadata(num_rows, vocab, **over):
               token_rows=jnp.arange(num_rows, dtype=jnp.int32),
               banned=jnp.full((num_rows, 4), vocab, jnp.int32),
               any_penalty=jnp.array(False), any_filter=jnp.array(False),
-              any_logprobs=jnp.array(False), any_random=jnp.array(True))
+              any_logprobs=jnp.array(False), any_random=jnp.array(True),
+              any_beam=jnp.array(False))
     md.update(over)
     return SamplingMetadata(**md)
 
