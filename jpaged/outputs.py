@@ -54,7 +54,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     prompt_logprobs: None = None
-    error: str | None = field(default=None)
+    # Set when the request ended without being served: the `RequestRefused`
+    # (cannot meet its deadline; AsyncLLM raises it to the caller).
+    error: Exception | None = field(default=None)
 
 
 @dataclass(slots=True)

@@ -49,6 +49,20 @@ class SamplingParams:
     # What each RequestOutput carries (vLLM's RequestOutputKind): "cumulative"
     # (all so far), "delta" (only what is new) or "final_only" (one at the end).
     output_kind: str = "cumulative"
+    # Service levels, in ms from arrival: finish by deadline_ms (a running
+    # request past it ends with its partial output, stop_reason "deadline"; a
+    # waiting one is refused) and produce the first token by ttft_slo_ms.
+    deadline_ms: float | None = None
+    ttft_slo_ms: float | None = None
+    # Logits processors (jpaged.sample.logits_processors): OpenAI's logit_bias
+    # ({token id: bias in [-100, 100]}), vLLM's allowed_token_ids and
+    # bad_words (strings), and registered user processors by name -> argument.
+    logit_bias: dict | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logits_processors: dict | None = None
+    # Filled by the engine: each enabled processor's packed row parameters.
+    processor_rows: dict = field(default_factory=dict, repr=False)
     # Beam search (transformers' names): num_beams > 1 runs a beam search of
     # that width and returns its best num_return_sequences hypotheses.
     num_beams: int = 1
@@ -109,6 +123,22 @@ class SamplingParams:
             bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
         if self.logprobs is not None and not 0 <= integer("logprobs"):
             bad("logprobs", "must be >= 0")
+        for name in ("deadline_ms", "ttft_slo_ms"):
+            if getattr(self, name) is not None and not number(name) > 0:
+                bad(name, "must be a positive number of milliseconds")
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            bad("logit_bias", "must map token ids to biases")
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids,
+                                                                 (list, tuple)):
+            bad("allowed_token_ids", "must be a list of token ids")
+        if self.bad_words is not None and not (
+                isinstance(self.bad_words, (list, tuple))
+                and all(isinstance(w, str) and w for w in self.bad_words)):
+            bad("bad_words", "must be a list of non-empty strings")
+        if self.logits_processors is not None and not (
+                isinstance(self.logits_processors, dict)
+                and all(isinstance(k, str) for k in self.logits_processors)):
+            bad("logits_processors", "must map processor names to their arguments")
         if self.output_kind not in OUTPUT_KINDS:
             bad("output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}")
         self._check_beams(bad, number, integer)

@@ -294,3 +294,42 @@ def test_scheduler_never_splits_a_beam_group_for_a_plain_request():
     assert preempted and not split
     assert group.state.done and len(group.state.finished) == 2
     assert kv.num_free_blocks == kv.num_blocks - 1 and not kv.req_to_blocks
+
+
+def test_beam_candidates_apply_logits_processors(llms):
+    """allowed_token_ids (a logits processor) holds for every beam: the step's
+    beam candidates are taken after the processors, as sampled tokens are."""
+    llm = llms("llama")
+    allowed = [11, 57, 300, 420]
+    sp = params(2, 1.0, False, allowed_token_ids=allowed)
+    (out,) = llm.generate({"prompt_token_ids": PROMPTS[0]}, sp, use_tqdm=False)
+    assert len(out.outputs) == 2
+    for c in out.outputs:
+        assert len(c.token_ids) == MAX_TOKENS and set(c.token_ids) <= set(allowed)
+    assert_all_free(llm.llm_engine)
+
+
+def test_beam_search_past_its_deadline_ends_whole(llms):
+    """A running beam search past deadline_ms ends as a group: its live beams
+    become its hypotheses and every beam's blocks go back."""
+    engine = llms("llama").llm_engine
+    t = [1000.0]
+    clock, engine.scheduler.clock = engine.scheduler.clock, lambda: t[0]
+    try:
+        engine.add_request("late", PROMPTS[1], params(4, 1.0, "never", deadline_ms=500))
+        outs = []
+        for _ in range(6):
+            outs += engine.step()
+        assert not outs and len(engine.scheduler.running) > 1
+        t[0] += 0.5
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        engine.step()
+    finally:
+        engine.scheduler.clock = clock
+    (out,) = outs
+    assert out.finished and out.request_id == "late" and len(out.outputs) == 4
+    assert all(0 < len(c.token_ids) < MAX_TOKENS for c in out.outputs)
+    assert any(c.finish_reason == "length" for c in out.outputs)
+    assert_all_free(engine)
+    assert not engine.runner.batch.rows

@@ -99,3 +99,26 @@ def test_gpu_scripts_fail_clearly_without_gpu(tmp_path):
                               timeout=300)
         assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
         assert "no GPU" in proc.stderr
+
+
+def test_bench_long_context_tiny(tmp_path):
+    out = _run(["scripts/bench_long_context.py", "--lengths", "300,700",
+                "--max-num-batched-tokens", "256", "--decode-steps", "3",
+                "--json", str(tmp_path / "long.json")], tmp_path)
+    rows = json.loads((tmp_path / "long.json").read_text())
+    assert [r["tokens"] for r in rows] == [300, 700] and "prefill" in out
+    # Block size 64: 700 + 4 tokens need 11 blocks, and the cache holds exactly those.
+    assert [r["peak_kv_blocks"] for r in rows] == [5, 11]
+    assert all(r["prefill_tok_s"] > 0 and r["decode_step_ms"] > 0 for r in rows)
+
+
+def test_bench_goodput_tiny(tmp_path):
+    out = _run(["scripts/bench_goodput.py", "--rates", "20", "--num-requests", "8",
+                "--policies", "fcfs,slo", "--max-num-batched-tokens", "128",
+                "--json", str(tmp_path / "goodput.json")], tmp_path)
+    data = json.loads((tmp_path / "goodput.json").read_text())
+    assert [r["policy"] for r in data["rows"]] == ["fcfs", "slo"]
+    for r in data["rows"]:  # every request accounted for exactly once
+        assert sum(r[c][k] for c in ("interactive", "batch")
+                   for k in ("met", "late", "expired", "refused")) == 8
+    assert "goodput" in out

@@ -19,7 +19,7 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf1
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "orbax", "gguf")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8", "gptq", "awq", "compressed-tensors", "gguf")
 QUANT_GROUP_SIZES = (32, 64, 128)
-SCHEDULING_POLICIES = ("fcfs", "priority")
+SCHEDULING_POLICIES = ("fcfs", "priority", "slo")
 PREEMPTION_MODES = ("recompute", "swap")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 
@@ -58,7 +58,12 @@ class EngineConfig:
     gpu_memory_utilization: float = _opt(
         0.9, "share of GPU memory for weights, activations and the KV cache")
     enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of shared prompt prefixes")
-    scheduling_policy: str = _opt("fcfs", "order of the waiting queue", SCHEDULING_POLICIES)
+    scheduling_policy: str = _opt(
+        "fcfs", "order of the waiting queue, preemption victims and admission control: "
+        "fcfs, priority, slo (priority, then least slack before the deadline), "
+        "package.module:Class, or an entry point of group jpaged.scheduling_policies")
+    max_queue_wait_ms: float | None = _opt(
+        None, "refuse a request that has waited this long without starting")
     preemption_mode: str = _opt("recompute", "what a preempted request loses",
                                 PREEMPTION_MODES)
     swap_space: float = _opt(4.0, "GiB of host memory for swap preemption")
@@ -73,6 +78,9 @@ class EngineConfig:
     process_id: int = _opt(0, "this process's index, 0 serves (env JPAGED_PROCESS_ID)")
     async_scheduling: bool = _opt(
         True, "dispatch step N+1 before reading step N's tokens (overlaps host and device)")
+    # Logits processors to register (instances, classes, "module:Class" or
+    # entry point names of group jpaged.logits_processors); Python API only.
+    logits_processors: tuple | None = _opt(None, "", cli=False)
     # Compile every step bucket at start-up (serving). False compiles on first
     # use instead: quicker starts for scripts that touch few shapes.
     compile_all_buckets: bool = _opt(True, "", cli=False)

@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from jpaged.engine.request_stream import ABORTED, RequestStream
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import OUTPUT_KINDS, SamplingParams
+from jpaged.sched.policy import RequestRefused
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class AsyncLLM:
         Raises:
             ValueError: the engine refused the request (bad prompt or params).
             QueueFullError: ``max_queue_len`` requests are already waiting.
+            RequestRefused: it cannot meet its deadline (also raised by the
+                stream later, if it is refused while waiting).
             EngineDeadError: the engine loop is dead or shut down.
         """
         if output_kind not in OUTPUT_KINDS:
@@ -234,7 +237,7 @@ class AsyncLLM:
                 self.engine.add_request(request_id, prompt, params, priority=priority,
                                         cache_salt=cache_salt)
             except Exception as e:  # noqa: BLE001 - this request's own fault
-                err = e if isinstance(e, ValueError) else ValueError(str(e))
+                err = e if isinstance(e, (ValueError, RequestRefused)) else ValueError(str(e))
         if err is None:
             self._streams[request_id] = stream
         if not _call_soon(stream.loop, _settle, accepted, err) and err is None:
@@ -249,8 +252,9 @@ class AsyncLLM:
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, out))
+            if stream is not None:  # a refusal (deadline) is raised to the reader
+                by_loop.setdefault(stream.loop, []).append(
+                    (stream, out.error if out.error is not None else out))
         for loop, items in by_loop.items():
             if not _call_soon(loop, _push_all, items):
                 # That event loop is closed: its requests can never be read.
@@ -315,4 +319,4 @@ def _call_soon(loop, fn, *args) -> bool:
         return False
 
 
-__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestStream"]
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestRefused", "RequestStream"]

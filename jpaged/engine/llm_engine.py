@@ -22,6 +22,7 @@ The path of a request:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -40,8 +41,9 @@ from jpaged.engine.beam_output import beam_request_output
 from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.outputs import RequestMetrics, RequestOutput
 from jpaged.runner.model_runner import ModelRunner, RunnerConfig, kv_bytes_per_block
-from jpaged.sampling_params import SamplingParams
 from jpaged.sample.beam_search import MAX_BEAM_CANDIDATES, num_candidates
+from jpaged.sample.logits_processors import resolve_processors
+from jpaged.sampling_params import SamplingParams
 from jpaged.sched import Request, RequestStatus, Scheduler, SchedulerConfig
 from jpaged.sched.beam import BeamGroup
 from jpaged.tokenizer import load_tokenizer
@@ -80,7 +82,7 @@ def enable_compilation_cache() -> None:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, **kwargs):
+    def __init__(self, config: EngineConfig | None = None, clock=time.time, **kwargs):
         config = config or EngineConfig(**kwargs)
         # Before anything touches a device: a multi-host run joins its peers.
         multihost.initialize(config.distributed_coordinator, config.num_processes,
@@ -134,13 +136,16 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={max_tokens} must be at least "
                              f"max_num_seqs={config.max_num_seqs}")
         per_block = kv_bytes_per_block(mc, config.block_size, backend, tp)  # per device
+        self.logits_processors = resolve_processors(config.logits_processors, mc.vocab_size)
+        self._processors_by_name = {p.name: p for p in self.logits_processors}
 
         def runner_config(num_blocks: int, num_host: int = 0) -> RunnerConfig:
             return RunnerConfig(
                 num_blocks=num_blocks, block_size=config.block_size,
                 max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
                 max_model_len=max_model_len, backend=backend,
-                max_logprobs=config.max_logprobs, num_host_blocks=num_host)
+                max_logprobs=config.max_logprobs, num_host_blocks=num_host,
+                logits_processors=self.logits_processors)
 
         num_blocks = self._num_blocks(
             per_block, lambda: ModelRunner(mc, graphdef, params, runner_config(2),
@@ -158,7 +163,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
             max_model_len=max_model_len, scheduling_policy=config.scheduling_policy,
-            preemption_mode=config.preemption_mode), self.kv)
+            preemption_mode=config.preemption_mode,
+            max_queue_wait_ms=config.max_queue_wait_ms), self.kv, clock=clock)
         self.runner = ModelRunner(mc, graphdef, params, runner_config(num_blocks, num_host),
                                   self.eos_token_ids, self.mesh)
         start = time.perf_counter()
@@ -227,10 +233,19 @@ class LLMEngine:
     # ------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, deadline_ms: float | None = None,
+                    ttft_slo_ms: float | None = None) -> None:
         """Queue a request. ``prompt`` is a string, a list of token ids, or a dict
-        with ``prompt`` or ``prompt_token_ids``."""
+        with ``prompt`` or ``prompt_token_ids``. ``deadline_ms``/``ttft_slo_ms``
+        override the SamplingParams fields of the same names.
+
+        Raises ValueError for bad input, `RequestRefused` when the scheduling
+        policy's admission control refuses the request."""
         params = params or SamplingParams()
+        if deadline_ms is not None or ttft_slo_ms is not None:
+            params = dataclasses.replace(
+                params, deadline_ms=params.deadline_ms if deadline_ms is None else deadline_ms,
+                ttft_slo_ms=params.ttft_slo_ms if ttft_slo_ms is None else ttft_slo_ms)
         if request_id in self.output.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
@@ -240,6 +255,7 @@ class LLMEngine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority={priority!r} must be an integer")
         params = params.clone()
+        params.processor_rows = self._processor_rows(params)
         params.all_stop_token_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             params.all_stop_token_ids |= self.eos_token_ids
@@ -257,16 +273,53 @@ class LLMEngine:
                     f"ids keeps {k} candidates a step, over the "
                     f"{min(MAX_BEAM_CANDIDATES, self.model_config.vocab_size)} the step returns")
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63 - 1))
-        now = time.time() if arrival_time is None else arrival_time
+        now = self.scheduler.clock() if arrival_time is None else arrival_time
         req = Request(request_id=request_id, group_id=request_id, prompt_token_ids=ids,
                       sampling_params=params, arrival_time=now, seed=seed, priority=priority,
                       cache_salt=cache_salt, max_tokens=max_tokens,
-                      forked=params.n == 1)
+                      forked=params.n == 1,
+                      deadline=None if params.deadline_ms is None
+                      else now + params.deadline_ms / 1000,
+                      ttft_deadline=None if params.ttft_slo_ms is None
+                      else now + params.ttft_slo_ms / 1000)
         if params.num_beams > 1:
             BeamGroup(req)
         self.scheduler.add_request(req)  # raises on max_model_len / cache size
         self.output.add(RequestState(request_id, text, ids, params,
                                      RequestMetrics(arrival_time=now), samples=[req]))
+
+    def _processor_rows(self, sp: SamplingParams) -> dict:
+        """Pack the row parameters of every processor ``sp`` enables (ValueError
+        for an unknown name or a bad argument)."""
+        args = {}
+        if sp.logit_bias:
+            args["logit_bias"] = sp.logit_bias
+        if sp.allowed_token_ids is not None:
+            args["allowed_token_ids"] = sp.allowed_token_ids
+        if sp.bad_words:
+            words = []  # as vLLM: each word alone and after a space
+            for w in sp.bad_words:
+                for text in (w, " " + w.lstrip()):
+                    ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+                    if ids and ids not in words:
+                        words.append(ids)
+            args["bad_words"] = words
+        for name, arg in (sp.logits_processors or {}).items():
+            if name in args:
+                raise ValueError(f"logits processor {name!r} is enabled twice")
+            args[name] = arg
+        rows = {}
+        for name, arg in args.items():
+            proc = self._processors_by_name.get(name)
+            if proc is None:
+                raise ValueError(f"logits_processors: {name!r} is not registered (registered: "
+                                 f"{', '.join(self._processors_by_name)})")
+            row = np.asarray(proc.row_params(arg, self.model_config.vocab_size), np.int32)
+            if row.shape != (proc.num_params,):
+                raise ValueError(f"logits processor {name!r}: row_params returned shape "
+                                 f"{row.shape}, not ({proc.num_params},)")
+            rows[name] = row
+        return rows
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -313,6 +366,9 @@ class LLMEngine:
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        ended = self.output.end_early(out.expired, out.refused) \
+            if out.expired or out.refused else []
+        ended += self._beam_outputs()  # beam searches past their deadline
         handle = None
         if out.scheduled:
             self._record_utilization()
@@ -323,14 +379,20 @@ class LLMEngine:
             handle = self.runner.dispatch(out)
         elif out.freed_req_ids:
             self.runner.release_rows(out.freed_req_ids)
+        if handle is not None:
+            handle.dispatch_time = time.perf_counter()
         if not self.async_scheduling:
-            return self._process(handle) if handle is not None else []
+            return ended + (self._process(handle) if handle is not None else [])
         prev, self._inflight = self._inflight, handle
-        return self._process(prev) if prev is not None else []
+        return ended + (self._process(prev) if prev is not None else [])
 
     def _process(self, handle) -> list[RequestOutput]:
         """Read a dispatched step's tokens and turn them into outputs."""
         tokens, lp, rank, top_ids, top_lps, soff, beam_ids, beam_lps = handle.results()
+        out = handle.out
+        if out.num_scheduled_tokens > len(out.scheduled):  # a prefill: teach the estimate
+            self.scheduler.estimator.record(out.num_scheduled_tokens,
+                                            time.perf_counter() - handle.dispatch_time)
         toks = tokens.tolist()
         samples, results, beams = [], {}, {}
         for i, sr in enumerate(handle.out.scheduled):
@@ -349,12 +411,16 @@ class LLMEngine:
         sched = self.scheduler
         updated = sched.update_from_output(handle.out, samples, beams)
         self.generation_tokens_total += len(updated) + len(beams)
-        outputs = self.output.process(updated, results)
-        for group in sched.finished_beam_groups:
+        return self.output.process(updated, results) + self._beam_outputs()
+
+    def _beam_outputs(self) -> list[RequestOutput]:
+        """Final outputs of the beam searches the scheduler finished."""
+        outputs = []
+        for group in self.scheduler.finished_beam_groups:
             state = self.output.pop(group.group_id)
             if state is not None:
                 outputs.append(beam_request_output(state, group, self.tokenizer))
-        sched.finished_beam_groups.clear()
+        self.scheduler.finished_beam_groups.clear()
         return outputs
 
     def _record_utilization(self) -> None:

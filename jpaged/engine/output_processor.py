@@ -164,6 +164,31 @@ class OutputProcessor:
         if stopped:
             self.scheduler.finish_requests([req.request_id], req.status)
 
+    def end_early(self, expired: list[Request], refused: list) -> list[RequestOutput]:
+        """Final outputs of requests the scheduler ended: ``expired`` (past their
+        deadline, with their partial output) and ``refused`` (``(request, error)``,
+        never served). Samples of the same request end together."""
+        outputs, now = [], time.time()
+        errors = {req.group_id: err for req, err in refused}
+        for req in list(expired) + [r for r, _ in refused]:
+            state = self.requests.get(req.group_id)
+            if state is None:
+                continue
+            rest = [r.request_id for r in state.samples if not r.status.finished]
+            for r in state.samples:
+                if not r.status.finished:
+                    r.status, r.stop_reason = req.status, req.stop_reason
+            self.scheduler.finish_requests(rest, req.status)
+            del self.requests[state.request_id]
+            state.metrics.finished_time = now
+            for st in state.states.values():
+                st.detok.finish()
+                st.text = st.detok.text
+            out = self.make_output(state, True)
+            out.error = errors.get(req.group_id)
+            outputs.append(out)
+        return outputs
+
     def _decode_one(self, tok: int) -> str:
         return self.tokenizer.decode([tok])
 

@@ -38,7 +38,7 @@ class BuiltStep:
 
 class InputBatch:
     def __init__(self, max_num_seqs: int, max_model_len: int, max_blocks_per_seq: int,
-                 block_size: int, num_blocks: int, vocab_size: int):
+                 block_size: int, num_blocks: int, vocab_size: int, processors: tuple = ()):
         r = max_num_seqs
         self.max_num_seqs, self.block_size, self.num_blocks = r, block_size, num_blocks
         self.vocab_size = vocab_size
@@ -61,6 +61,10 @@ class InputBatch:
         self.filtered = np.zeros(r, bool)
         self.random = np.zeros(r, bool)
         self.logprobs = np.zeros(r, bool)
+        # Logits processors: per-row parameters and whether the row enabled each.
+        self.processors = processors
+        self.proc_params = [np.zeros((r, p.num_params), np.int32) for p in processors]
+        self.proc_on = [np.zeros(r, bool) for _ in processors]
         self.beam = np.zeros(r, bool)  # beam-search rows: the step returns their top tokens
 
     # ------------------------------------------------------------ rows
@@ -99,6 +103,11 @@ class InputBatch:
         self.random[row] = not sp.greedy
         self.filtered[row] = (not sp.greedy) and (sp.top_k > 0 or sp.top_p < 1 or sp.min_p > 0)
         self.logprobs[row] = sp.logprobs is not None
+        rows = sp.processor_rows  # packed by the engine at add_request
+        for p, params, on in zip(self.processors, self.proc_params, self.proc_on):
+            on[row] = p.name in rows
+            if on[row]:
+                params[row] = rows[p.name]
         self.beam[row] = req.beam is not None
         if req.beam is not None:  # its tokens come from the top-k, never from a draw
             self.random[row] = self.filtered[row] = self.logprobs[row] = False
@@ -157,7 +166,7 @@ class InputBatch:
         t = bucket_fn(max(total, total_rows))
         s = min(t, self.max_num_seqs)
         assert total_rows <= s and n <= s
-        layout = StepLayout(t, s, t + s, s, MAX_BANNED)
+        layout = StepLayout(t, s, t + s, s, MAX_BANNED, self.processors)
         buf = np.zeros(layout.size, np.int32)
         v = layout.views(buf)
         decode_only = pallas and bool((num_new == 1).all()) and total_rows == n
@@ -222,4 +231,7 @@ class InputBatch:
         v["banned"][:total_rows][ban] = self.banned[r[ban]]
         v["flags"][:] = (self.penalized[r].any(), self.filtered[r].any(), self.logprobs[r].any(),
                          self.random[r].any(), self.beam[r].any())
+        for p, params, on in zip(self.processors, self.proc_params, self.proc_on):
+            v[f"lp.{p.name}"][:total_rows] = params[r]
+            v[f"lpon.{p.name}"][:total_rows] = on[r]
         return BuiltStep(layout, buf, decode_only, soff, full, penalty_rows)

@@ -84,6 +84,7 @@ class RunnerConfig:
     backend: str  # resolved: "reference" | "pallas"
     max_logprobs: int = 20
     num_host_blocks: int = 0
+    logits_processors: tuple = ()  # jpaged.sample.logits_processors, checked
 
 
 class StepHandle:
@@ -123,7 +124,7 @@ class ModelRunner:
                                  out_shardings=self._kv_sh)()
         r = cfg.max_num_seqs
         self.batch = InputBatch(r, cfg.max_model_len, self.max_blocks_per_seq, cfg.block_size,
-                                cfg.num_blocks, model_cfg.vocab_size)
+                                cfg.num_blocks, model_cfg.vocab_size, cfg.logits_processors)
         self.block_table = self._put(np.zeros((r, self.max_blocks_per_seq), np.int32))
         self.token_table = self._put(np.zeros((r, cfg.max_model_len), np.int32))
         self.last_tokens = self._put(np.zeros((r,), np.int32))
@@ -180,9 +181,11 @@ class ModelRunner:
         logits = jax.lax.with_sharding_constraint(
             logits, NamedSharding(self.mesh, logits_spec()))
         logits = jax.lax.with_sharding_constraint(logits, self._rep)
-        results = sample(logits, inp.sampling, token_table, self.cfg.max_logprobs)
+        results = sample(logits, inp.sampling, token_table, self.cfg.max_logprobs,
+                         self.cfg.logits_processors, inp.processors)
         results += beam_candidates(logits, inp.sampling, token_table,
-                                   min(MAX_BEAM_CANDIDATES, logits.shape[-1]))
+                                   min(MAX_BEAM_CANDIDATES, logits.shape[-1]),
+                                   self.cfg.logits_processors, inp.processors)
         last_tokens = last_tokens.at[inp.sampling.token_rows].set(results[0], mode="drop")
         return kv_caches, block_table, token_table, last_tokens, results
 
@@ -219,7 +222,7 @@ class ModelRunner:
 
     def _empty_layout(self, t: int) -> StepLayout:
         s = min(t, self.cfg.max_num_seqs)
-        return StepLayout(t, s, t + s, s, MAX_BANNED)
+        return StepLayout(t, s, t + s, s, MAX_BANNED, self.cfg.logits_processors)
 
     def _empty_buf(self, layout: StepLayout) -> np.ndarray:
         """A step that computes nothing: every token and update is padding."""

@@ -43,6 +43,8 @@ class StepInputs:
     copy_src: jax.Array  # [C] i32 copy-on-write source blocks
     copy_dst: jax.Array  # [C] i32 destinations; num_blocks pads
     sampling: SamplingMetadata
+    # Per logits processor of the layout: (params [S, n] i32, active [S] bool).
+    processors: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class StepLayout:
     num_updates: int  # U
     num_copies: int  # C
     num_banned: int  # B, banned ids per sample row
+    # Registered logits processors (jpaged.sample.logits_processors): each adds
+    # S x num_params words of row parameters and S words of "enabled" flags.
+    processors: tuple = ()
 
     def fields(self) -> list[tuple[str, int]]:
         t, s, u, c, b = (self.num_tokens, self.num_seqs, self.num_updates, self.num_copies,
@@ -67,6 +72,8 @@ class StepLayout:
             ("top_k", s), ("seed_lo", s), ("seed_hi", s), ("sample_index", s),
             ("output_len", s), ("prompt_len", s), ("sample_token_rows", s), ("banned", s * b),
             ("flags", NUM_FLAGS),
+            *[f for p in self.processors
+              for f in ((f"lp.{p.name}", s * p.num_params), (f"lpon.{p.name}", s))],
         ]
 
     @property
@@ -81,6 +88,8 @@ class StepLayout:
             out[name] = v.view(np.float32) if name in _FLOAT_FIELDS else v
             off += n
         out["banned"] = out["banned"].reshape(self.num_seqs, self.num_banned)
+        for p in self.processors:
+            out[f"lp.{p.name}"] = out[f"lp.{p.name}"].reshape(self.num_seqs, p.num_params)
         return out
 
     def unpack(self, buf: jax.Array) -> StepInputs:
@@ -103,5 +112,7 @@ class StepLayout:
             banned=f["banned"].reshape(self.num_seqs, self.num_banned),
             any_penalty=flags[0], any_filter=flags[1], any_logprobs=flags[2],
             any_random=flags[3], any_beam=flags[4])
-        names = {fl.name for fl in dataclasses.fields(StepInputs)} - {"sampling"}
-        return StepInputs(sampling=smd, **{k: f[k] for k in names})
+        procs = tuple((f[f"lp.{p.name}"].reshape(self.num_seqs, p.num_params),
+                       f[f"lpon.{p.name}"] != 0) for p in self.processors)
+        names = {fl.name for fl in dataclasses.fields(StepInputs)} - {"sampling", "processors"}
+        return StepInputs(sampling=smd, processors=procs, **{k: f[k] for k in names})

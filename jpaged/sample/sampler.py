@@ -4,8 +4,8 @@ One row per sample to draw (a request's last scheduled token; ``n``
 parallel samples of a prompt are ``n`` rows over the same hidden state).
 Order of operations, as in vLLM: penalties on the raw logits (repetition
 over prompt and output tokens; presence and frequency over output tokens),
-``min_tokens`` bans, then greedy rows take the argmax and the others divide
-by their temperature, apply top-k, top-p and min-p, and draw with the Gumbel
+``min_tokens`` bans, the logits processors (`logits_processors`), then
+greedy rows take the argmax and the others divide by their temperature, apply top-k, top-p and min-p, and draw with the Gumbel
 trick from a key that depends only on the row's seed, its sample index and
 how many tokens it has generated: a request samples the same tokens alone or
 in any batch. Logprobs are those of the raw model distribution.
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+from jpaged.sample.logits_processors import ProcessorContext, apply_processors
 
 
 @jax.tree_util.register_dataclass
@@ -97,6 +99,8 @@ def sample(
     md: SamplingMetadata,
     token_table: jax.Array,  # [R, max_model_len] i32 per-row token history
     num_logprobs: int,
+    processors: tuple = (),
+    processor_inputs: tuple = (),
 ):
     """Returns (tokens [S], sampled logprob [S], rank [S], top ids [S, K], top logprobs [S, K])."""
     num_rows, vocab = logits.shape
@@ -105,6 +109,9 @@ def sample(
                      lambda l: l, logits)
     rows = jnp.arange(num_rows)[:, None]
     x = x.at[rows, md.banned].set(-jnp.inf, mode="drop")
+    if processors:
+        ctx = ProcessorContext(token_table, md.token_rows, md.prompt_len + md.output_len)
+        x = apply_processors(x, processors, processor_inputs, ctx)
     greedy = md.temperature <= 1e-5
     greedy_tokens = jnp.argmax(x, axis=-1)
     x = x / jnp.where(greedy, 1.0, md.temperature)[:, None]
@@ -131,11 +138,12 @@ def sample(
     return tokens, tok_lp, rank, top_ids, top_lps
 
 
-def beam_candidates(logits, md: SamplingMetadata, token_table, k: int):
+def beam_candidates(logits, md: SamplingMetadata, token_table, k: int,
+                    processors: tuple = (), processor_inputs: tuple = ()):
     """Each row's best ``k`` next tokens for beam search: ``(ids [S, k], logprobs
     [S, k])``, zeros unless some row is a beam. As transformers' beam search,
     the scores are the logprobs (of the logits over the temperature, if any)
-    with the penalties applied to them, and banned ids at -inf."""
+    with the penalties, banned ids (-inf) and logits processors applied to them."""
     num_rows = logits.shape[0]
 
     def run(logits):
@@ -144,6 +152,9 @@ def beam_candidates(logits, md: SamplingMetadata, token_table, k: int):
         lp = jax.lax.cond(md.any_penalty, lambda l: _penalize(l, md, token_table),
                           lambda l: l, lp)
         lp = lp.at[jnp.arange(num_rows)[:, None], md.banned].set(-jnp.inf, mode="drop")
+        if processors:
+            ctx = ProcessorContext(token_table, md.token_rows, md.prompt_len + md.output_len)
+            lp = apply_processors(lp, processors, processor_inputs, ctx)
         vals, ids = jax.lax.top_k(lp, k)
         return ids.astype(jnp.int32), vals
 

@@ -1,6 +1,7 @@
 from jpaged.sched.request import Request, RequestStatus
 from jpaged.sched.output import ScheduledRequest, SchedulerOutput
+from jpaged.sched.policy import PrefillEstimator, RequestRefused
 from jpaged.sched.scheduler import Scheduler, SchedulerConfig
 
-__all__ = ["Request", "RequestStatus", "Scheduler", "ScheduledRequest", "SchedulerConfig",
+__all__ = ["PrefillEstimator", "Request", "RequestRefused", "RequestStatus", "Scheduler", "ScheduledRequest", "SchedulerConfig",
            "SchedulerOutput"]

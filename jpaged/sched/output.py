@@ -32,3 +32,8 @@ class SchedulerOutput:
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device)
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     num_preempted: int = 0
+    # Past their deadline: running ones ended with their partial output
+    # (finish_reason "length", stop_reason "deadline"); waiting ones without a
+    # token refused, each with its `RequestRefused`.
+    expired: list[Request] = field(default_factory=list)
+    refused: list[tuple[Request, Exception]] = field(default_factory=list)

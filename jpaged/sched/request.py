@@ -55,6 +55,10 @@ class Request:
     logprobs: list = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Absolute times on the scheduler's clock: finish by ``deadline``, first
+    # token by ``ttft_deadline`` (SamplingParams.deadline_ms / ttft_slo_ms).
+    deadline: float | None = None
+    ttft_deadline: float | None = None
 
     def __post_init__(self):
         if not self.all_token_ids:

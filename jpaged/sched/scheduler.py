@@ -16,6 +16,11 @@ One step:
    the next step may be scheduled before this step's tokens are known
    (async scheduling). A request whose last token is in flight (it reaches
    ``max_tokens``) or whose ``n > 1`` fork is pending waits for the token.
+Deadlines (every policy, `jpaged.sched.deadlines`) are applied at the start
+of each step. The policy (`jpaged.sched.policy`) refuses at admission, orders
+the waiting queue and picks preemption victims (a beam group's victim is
+preempted whole).
+
 4. `update_from_output` appends the sampled tokens (replacing the
    placeholders) and forks ``n > 1`` prompts into siblings. Stop conditions
    are the engine's output processor's; it calls `finish_requests`, which
@@ -35,10 +40,13 @@ from collections import deque
 from dataclasses import dataclass
 
 from jpaged.cache import KVCacheManager
+from jpaged.sched.deadlines import apply_deadlines
 from jpaged.sched.output import ScheduledRequest, SchedulerOutput
+from jpaged.sched.policy import BUILTIN_POLICIES, PrefillEstimator, RequestRefused, \
+    resolve_policy
 from jpaged.sched.request import Request, RequestStatus
 
-POLICIES = ("fcfs", "priority")
+POLICIES = tuple(BUILTIN_POLICIES)  # or "module:Class", or an entry point name
 PREEMPTION_MODES = ("recompute", "swap")
 
 
@@ -49,11 +57,12 @@ class SchedulerConfig:
     max_model_len: int = 2048
     scheduling_policy: str = "fcfs"
     preemption_mode: str = "recompute"
+    max_queue_wait_ms: float | None = None  # refuse requests waiting longer (no token yet)
 
     def __post_init__(self):
-        if self.scheduling_policy not in POLICIES:
-            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} is not supported; "
-                             f"choose one of {', '.join(POLICIES)}")
+        resolve_policy(self.scheduling_policy)  # raises ValueError naming the value
+        if self.max_queue_wait_ms is not None and not self.max_queue_wait_ms > 0:
+            raise ValueError(f"max_queue_wait_ms={self.max_queue_wait_ms} must be positive")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode={self.preemption_mode!r} is not supported; "
                              f"choose one of {', '.join(PREEMPTION_MODES)}")
@@ -63,9 +72,14 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, clock=time.time):
         self.config = config
         self.kv = kv
+        # The clock of arrival times and deadlines (tests inject a fake one).
+        self.clock = clock
+        self.estimator = PrefillEstimator()
+        self.policy = resolve_policy(config.scheduling_policy)(self.estimator)
+        self._timed = False  # some request ever had a deadline
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -102,6 +116,11 @@ class Scheduler:
                     f"num_beams={w} beams of {n_total} tokens need up to "
                     f"{w * self.kv.num_blocks_needed(n_total)} KV blocks but the whole cache "
                     f"has {self.kv.num_blocks - 1}; raise kv_cache_memory or lower max_tokens")
+        why = self.policy.refuse(req, self.clock())
+        if why is not None:
+            raise RequestRefused(req.group_id, why, max(
+                self.estimator.seconds(self._queued_tokens()), 1.0))
+        self._timed |= req.deadline is not None or req.ttft_deadline is not None
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -136,9 +155,7 @@ class Scheduler:
                           b.request_id in exclude for b in r.beam.beams)))]
         if not candidates:
             return None
-        if self.config.scheduling_policy == "priority":
-            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
-        return candidates[-1]
+        return self.policy.victim(candidates, self.clock())
 
     def _preempt_group(self, req: Request, out: SchedulerOutput) -> None:
         """Preempt ``req``, or its whole beam group: swapped only if every beam
@@ -173,15 +190,17 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _next_waiting(self) -> Request:
-        if self.config.scheduling_policy == "priority":
-            return min(self.waiting, key=lambda r: (r.priority, r.arrival_time))
-        return self.waiting[0]
+        return self.policy.next_waiting(self.waiting, self.clock())
+
+    def _queued_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
-        now = time.time()  # wall clock, as RequestMetrics.arrival_time
+        now = self.clock()
+        apply_deadlines(self, out, now)
 
         self._groups_this_step = set()
         # A snapshot: preemption (of a whole beam group, too) removes entries.

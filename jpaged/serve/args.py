@@ -46,6 +46,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    "over this")
     g.add_argument("--allow-client-priority", action="store_true",
                    help="honour the request's 'priority' field (otherwise it is ignored)")
+    g.add_argument("--default-deadline-ms", type=_positive_float, default=None,
+                   help="deadline of requests that give no deadline_ms: one still waiting "
+                   "past it is refused (503), one running is cut short")
     g.add_argument("--send-timeout", type=_positive_float, default=30.0,
                    help="abort a stream whose client has not read for this many seconds")
     g.add_argument("--request-timeout", type=_positive_float, default=30.0,

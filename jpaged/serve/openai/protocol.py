@@ -63,7 +63,12 @@ class _SamplingFields(_Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: ShortStr | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=64)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(max_length=128)] | None = None
+    bad_words: Annotated[list[ShortStr], Field(max_length=16)] | None = None
+    # Service levels (jpaged): ms from arrival to finish, and to the first token.
+    deadline_ms: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    ttft_slo_ms: Annotated[float, Field(gt=0, le=1e9)] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -250,10 +255,9 @@ async def read_model(request, cls, max_bytes: int, timeout: float | None = None)
     return obj
 
 
-def make_sampling_params(req, vocab_size: int, max_tokens, logprobs) -> SamplingParams:
+def make_sampling_params(req, vocab_size: int, max_tokens, logprobs,
+                         default_deadline_ms: float | None = None) -> SamplingParams:
     """`SamplingParams` from a completion or chat request; a 400 naming a bad field."""
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", "logit_bias")
     top_k = req.top_k if req.top_k is not None else 0
     if top_k >= vocab_size:
         top_k = 0  # the whole vocabulary: no filter
@@ -268,6 +272,9 @@ def make_sampling_params(req, vocab_size: int, max_tokens, logprobs) -> Sampling
             seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos, stop=req.stop, stop_token_ids=req.stop_token_ids,
             include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=req.skip_special_tokens)
+            skip_special_tokens=req.skip_special_tokens, logit_bias=req.logit_bias or None,
+            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
+            deadline_ms=req.deadline_ms if req.deadline_ms is not None else default_deadline_ms,
+            ttft_slo_ms=req.ttft_slo_ms)
     except ValueError as e:
         raise APIError(400, str(e), param_of(str(e))) from None

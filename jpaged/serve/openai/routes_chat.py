@@ -37,7 +37,8 @@ async def chat_completions(request: Request):
         raise APIError(400, f"prompt has {len(ids)} tokens, no room under "
                        f"max_model_len={st.max_model_len}", "messages")
     st.check_fanout(1, req.n, max_tokens, logprobs, [len(ids)])
-    params = P.make_sampling_params(req, st.vocab_size, max_tokens, logprobs)
+    params = P.make_sampling_params(req, st.vocab_size, max_tokens, logprobs,
+                                    st.cfg.default_deadline_ms)
     gen = Generation(st, request, f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.priority,
                      "delta" if req.stream else "final_only")
     await gen.submit_or_raise()

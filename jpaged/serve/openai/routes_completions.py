@@ -52,7 +52,8 @@ async def completions(request: Request):
         else:
             prompts.append(st.check_ids(list(p)))
             texts.append(None)
-    params = P.make_sampling_params(req, st.vocab_size, req.max_tokens, req.logprobs)
+    params = P.make_sampling_params(req, st.vocab_size, req.max_tokens, req.logprobs,
+                                    st.cfg.default_deadline_ms)
     gen = Generation(st, request, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.priority,
                      "delta" if req.stream else "final_only")
     await gen.submit_or_raise()

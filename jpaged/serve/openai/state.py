@@ -56,6 +56,7 @@ class ServeConfig:
     send_timeout: float = 30.0
     request_body_timeout: float = 30.0
     tokenizer_workers: int = 4
+    default_deadline_ms: float | None = None  # for requests without deadline_ms
     # An authenticator (`jpaged.serve.auth_plugins`); None: API keys, if any.
     auth: object | None = None
     grpc_port: int | None = None
@@ -80,6 +81,7 @@ def serve_config_from_args(args) -> ServeConfig:
                        max_seqs_per_request=args.max_seqs_per_request,
                        max_request_work=args.max_request_work,
                        allow_client_priority=args.allow_client_priority,
+                       default_deadline_ms=getattr(args, "default_deadline_ms", None),
                        send_timeout=args.send_timeout,
                        request_body_timeout=args.request_timeout,
                        tokenizer_workers=args.tokenizer_workers,

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 
 from jpaged.engine.async_llm import EngineDeadError, QueueFullError
 from jpaged.sampling_params import SamplingParams
+from jpaged.sched.policy import RequestRefused
 from jpaged.serve.auth import PRINCIPAL
 from jpaged.serve.logsafe import get_logger
 from jpaged.serve.openai import protocol as P
@@ -68,16 +70,22 @@ class Generation:
             await self.submit()
         except QueueFullError as e:
             raise APIError(503, str(e), headers={"Retry-After": "1"}) from None
+        except RequestRefused as e:
+            raise refused_error(e) from None
         except EngineDeadError as e:
             raise APIError(503, str(e)) from None
         except ValueError as e:
             raise APIError(400, str(e), param_of(str(e))) from None
 
     async def collect(self) -> list:
-        """Every prompt's final output (for non-streaming responses)."""
+        """Every prompt's final output (for non-streaming responses); a request
+        refused while it waited (deadline) is a 503 with Retry-After."""
         finals = [None] * len(self.prompts)
-        async for i, out in self.outputs():
-            finals[i] = out
+        try:
+            async for i, out in self.outputs():
+                finals[i] = out
+        except RequestRefused as e:
+            raise refused_error(e) from None
         for out in finals:
             for o in out.outputs if out is not None else ():
                 self.completion_tokens += len(o.token_ids)
@@ -237,3 +245,8 @@ def error_chunk(e: BaseException) -> str:
     msg = str(e) or type(e).__name__
     return sse({"error": {"message": msg[:2000], "type": kind, "param": None,
                           "code": status}})
+
+
+def refused_error(e: RequestRefused) -> APIError:
+    """A deadline refusal: 503 (the request may succeed later), Retry-After in seconds."""
+    return APIError(503, str(e), headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
