@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jpaged.pallas_kernels.attention.reference import ragged_paged_attention_chunked
+from jpaged.pallas_kernels.attention.reference import (online_softmax_update,
+                                                      ragged_paged_attention_chunked)
 
 
 def _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, *,
@@ -66,13 +67,8 @@ def _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_
             if sliding_window is not None:
                 mask &= kv_pos[None, :] > row_pos[:, None] - sliding_window
             s = jnp.where(mask[None], s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - m_safe[..., None])
-            corr = jnp.exp(jnp.where(jnp.isfinite(m), m, 0.0) - m_safe)
-            l = l * corr + jnp.sum(p, axis=-1)
-            acc = acc * corr[..., None] + jnp.einsum("krc,kcd->krd", p, v.astype(jnp.float32))
-            return m_new, l, acc
+            return online_softmax_update(
+                m, l, acc, s, lambda p: jnp.einsum("krc,kcd->krd", p, v.astype(jnp.float32)))
 
         shape = (num_kv_heads, rows)
         init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),

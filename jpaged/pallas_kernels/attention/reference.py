@@ -114,6 +114,19 @@ def paged_decode_attention_reference(
         scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
 
 
+def online_softmax_update(m, l, acc, s, pv):
+    """One chunk of an online softmax: running max ``m`` and sum ``l`` over the
+    last axis of the masked scores ``s`` (-inf where masked), and ``acc`` plus
+    ``pv(p)``, the chunk's probabilities times its values, all rescaled to the
+    new max. Fully masked rows stay at zero, never NaN."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    corr = jnp.exp(jnp.where(jnp.isfinite(m), m, 0.0) - m_safe)
+    l = l * corr + jnp.sum(p, axis=-1)
+    return m_new, l, acc * corr[..., None] + pv(p)
+
+
 def ragged_paged_attention_chunked(
     q: jax.Array,  # [T, num_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -170,13 +183,8 @@ def ragged_paged_attention_chunked(
         if sliding_window is not None:
             mask &= kv_pos > pos[:, None] - sliding_window
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        corr = jnp.exp(jnp.where(jnp.isfinite(m), m, 0.0) - m_safe)
-        l = l * corr + jnp.sum(p, axis=-1)
-        acc = acc * corr[..., None] + jnp.einsum("tkgc,tkcd->tkgd", p, v)
-        return m_new, l, acc
+        return online_softmax_update(m, l, acc, s,
+                                     lambda p: jnp.einsum("tkgc,tkcd->tkgd", p, v))
 
     shape = (num_tokens, num_kv_heads, group)
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
