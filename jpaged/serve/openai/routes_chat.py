@@ -14,8 +14,8 @@ from jpaged.serve.openai.encode import chat_logprobs_json, encode
 from jpaged.serve.openai.errors import APIError
 from jpaged.serve.openai.routes_completions import stream_opts
 from jpaged.serve.openai.state import ServerState
-from jpaged.serve.openai.streams import (ClientGone, Generation, SSEResponse, guarded_stream,
-                                         run_until_disconnect, sse)
+from jpaged.serve.openai.streams import (Generation, SSEResponse, collect_final,
+                                         guarded_stream, sse)
 
 
 async def chat_completions(request: Request):
@@ -46,12 +46,9 @@ async def chat_completions(request: Request):
         return SSEResponse(
             guarded_stream(gen, _chat_chunks(gen, model, include_usage, logprobs)), gen.close,
             st.cfg.send_timeout)
-    try:
-        finals = await run_until_disconnect(request, gen.collect())
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        gen.close()
+    finals = await collect_final(request, gen)
+    if finals is None:
+        return Response(status_code=499)  # the client left
 
     def build() -> bytes:  # on a worker thread: logprobs can make this big
         out = finals[0]

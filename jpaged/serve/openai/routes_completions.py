@@ -15,8 +15,8 @@ from jpaged.serve.openai import protocol as P
 from jpaged.serve.openai.encode import completion_logprobs_json, encode
 from jpaged.serve.openai.errors import APIError
 from jpaged.serve.openai.state import ServerState
-from jpaged.serve.openai.streams import (ClientGone, Generation, SSEResponse, guarded_stream,
-                                         run_until_disconnect, sse)
+from jpaged.serve.openai.streams import (Generation, SSEResponse, collect_final,
+                                         guarded_stream, sse)
 
 def stream_opts(req) -> tuple[bool, bool]:
     """(include_usage, continuous_usage_stats); a 400 if given without streaming."""
@@ -66,12 +66,9 @@ async def completions(request: Request):
         chunks = _completion_chunks(gen, model, texts if req.echo else None, include_usage,
                                     req.logprobs)
         return SSEResponse(guarded_stream(gen, chunks), gen.close, st.cfg.send_timeout)
-    try:
-        finals = await run_until_disconnect(request, gen.collect())
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        gen.close()
+    finals = await collect_final(request, gen)
+    if finals is None:
+        return Response(status_code=499)  # the client left
 
     def build() -> bytes:  # on a worker thread: logprobs can make this big
         choices, lps, usage = [], [], P.UsageInfo()

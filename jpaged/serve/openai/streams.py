@@ -173,6 +173,17 @@ async def run_until_disconnect(request, coro):
     raise ClientGone()
 
 
+async def collect_final(request, gen: Generation):
+    """A non-streaming request's final outputs, or None if the client left
+    first; the generation is closed either way."""
+    try:
+        return await run_until_disconnect(request, gen.collect())
+    except ClientGone:
+        return None
+    finally:
+        gen.close()
+
+
 async def guarded_stream(gen: Generation, chunks):
     """SSE chunks, then ``[DONE]``; a failure after the stream started is sent
     in-band as an error chunk before ``[DONE]``."""
