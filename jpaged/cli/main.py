@@ -171,12 +171,7 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "chat":
             return cmd_chat(args)
-        _, procs, _ = multihost.settings(args.distributed_coordinator, args.num_processes,
-                                         args.process_id)
-        if procs > 1:  # followers would need process 0's requests each step
-            raise ValueError(f"num_processes={procs}: multi-host serving is not supported "
-                             "yet; run jpaged generate on every host, or serve from one host "
-                             "with --tensor-parallel-size")
+        multihost.settings(args.distributed_coordinator, args.num_processes, args.process_id)
         from jpaged.serve.openai.app import run_server
 
         return run_server(args)

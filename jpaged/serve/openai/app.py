@@ -163,12 +163,24 @@ def run_server(args) -> int:
     import uvicorn
 
     from jpaged.config.engine import engine_config_from_args
+    from jpaged.distributed import multihost
+    from jpaged.distributed.mirror import FrozenClock, LeaderEngine, follow
     from jpaged.engine.llm_engine import LLMEngine
 
     cfg = serve_config_from_args(args)
     if cfg.enable_log_requests:
         logging.getLogger("jpaged.serve.requests").setLevel(logging.INFO)
-    engine = LLMEngine(engine_config_from_args(args))
+    engine_cfg = engine_config_from_args(args)
+    _, procs, _ = multihost.settings(engine_cfg.distributed_coordinator,
+                                     engine_cfg.num_processes, engine_cfg.process_id)
+    if procs > 1:  # multi-host: process 0 serves, the others replay its journal
+        clock = FrozenClock()
+        engine = LLMEngine(engine_cfg, clock=clock)
+        if not multihost.is_leader():
+            return follow(engine, clock)
+        engine = LeaderEngine(engine, clock)
+    else:
+        engine = LLMEngine(engine_cfg)
     llm = AsyncLLM(engine, max_queue_len=args.max_queue_len)
     app = build_app(llm, cfg)
     state: ServerState = app.state
@@ -215,5 +227,7 @@ def run_server(args) -> int:
         asyncio.run(main())
     finally:
         llm.shutdown()
+        if isinstance(engine, LeaderEngine):
+            engine.close()
         state.close()
     return 0
