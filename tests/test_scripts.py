@@ -27,6 +27,19 @@ def test_bench_throughput_tiny(tmp_path, llama_dir):
     assert "share of allocated slots holding tokens" in out
 
 
+def test_bench_latency_tiny(tmp_path, llama_dir):
+    out = _run(["scripts/bench_latency.py", "--model", llama_dir, "--warm", "2", "--steps",
+                "6", "--max-model-len", "128"], tmp_path)
+    assert "weights-read floor" in out and "wall / floor" in out
+
+
+def test_bench_startup_tiny(tmp_path, llama_dir):
+    out = _run(["scripts/bench_startup.py", "--model", llama_dir, "--max-num-seqs", "4",
+                "--max-num-batched-tokens", "16", "--max-model-len", "128"], tmp_path)
+    assert "healthy after" in out and "(cold compile cache)" in out
+    assert "(warm compile cache)" in out and "compiles in" in out
+
+
 def test_bench_host_tiny(tmp_path):
     out = _run(["scripts/bench_host.py", "--batches", "4", "--lengths", "16", "40", "--steps",
                 "4"], tmp_path)
