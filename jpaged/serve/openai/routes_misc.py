@@ -17,6 +17,9 @@ def _state(request: Request) -> ServerState:
 
 async def health(request: Request):
     st = _state(request)
+    if getattr(st.llm, "recovering", False):
+        return error_response(503, "engine is recovering from a failed step",
+                              headers={"Retry-After": "1"})
     if not st.llm.is_running:
         return error_response(503, f"engine is not running: {st.llm.errored!r}")
     if st.draining:
