@@ -67,10 +67,11 @@ class AsyncLLM:
         max_queue_len: refuse new requests (`QueueFullError`) while this many
             are waiting; ``None`` for no limit.
         stat_loggers: objects with optional ``on_step(stats)`` (after each
-            step, with `EngineStats`), ``on_output(out)`` (every
-            `RequestOutput`, a delta: only the step's new tokens) and
-            ``on_abort(request_id)`` (an unfinished request was aborted)
-            methods, called in the loop thread; an exception in one is
+            step, with `EngineStats`), ``on_add(request_id)`` (the engine
+            accepted a request), ``on_output(out)`` (every `RequestOutput`,
+            a delta: only the step's new tokens), ``on_abort(request_id)``
+            (an unfinished request was aborted) and ``on_fail(request_id)``
+            (an unfinished request failed as the engine stopped) methods, called in the loop thread; an exception in one is
             logged and never stops the engine.
     """
 
@@ -273,10 +274,12 @@ class AsyncLLM:
                 err = e if isinstance(e, (ValueError, RequestRefused)) else ValueError(str(e))
         if err is None:
             self._streams[request_id] = stream
+            self._notify("on_add", request_id)
         if not _call_soon(stream.loop, _settle, accepted, err) and err is None:
             # Its event loop is gone: nobody will read or abort it.
             self.engine.abort_request(request_id)
             self._streams.pop(request_id, None)
+            self._notify("on_abort", request_id)
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         by_loop: dict = {}
@@ -315,6 +318,7 @@ class AsyncLLM:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             _call_soon(stream.loop, _push_all, [(stream, err)])
+            self._notify("on_fail", stream.request_id)
 
     def _fail_commands(self, err: BaseException) -> None:
         while True:

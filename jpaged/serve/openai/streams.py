@@ -254,6 +254,7 @@ def sse(obj) -> str:
 def error_chunk(e: BaseException) -> str:
     """An error after the stream started, in OpenAI's error shape."""
     status, kind = (400, "BadRequestError") if isinstance(e, ValueError) else \
+        (503, "ServiceUnavailableError") if isinstance(e, RequestRefused) else \
         (500, "InternalServerError")
     msg = str(e) or type(e).__name__
     return sse({"error": {"message": msg[:2000], "type": kind, "param": None,
