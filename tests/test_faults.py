@@ -147,3 +147,20 @@ def test_detokenization_fault_fails_that_request_alone(server):
     assert httpx.get(server.url + "/health").status_code == 200
     st = server.wait_idle()
     assert not st["running"] and not st["waiting"] and st["free"] == st["blocks"] - 1
+
+
+def test_every_failed_request_is_counted_once(server):
+    """Runs after the two tests above: their four failed requests (two of the
+    poisoned step, the streamed poison, the detokenization) each ended once."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = {}
+    for fam in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
+        for s in fam.samples:
+            m[(s.name, s.labels.get("outcome"))] = s.value
+    ended = {o: m[("jpaged:requests_ended_total", o)] for o in
+             ("completed", "expired", "refused", "cancelled", "failed")}
+    assert ended["failed"] == 4
+    assert m[("jpaged:requests_accepted_total", None)] == sum(ended.values())
+    assert m[("jpaged:requests_open", None)] == 0
+    assert m[("jpaged:request_end_anomalies_total", None)] == 0
