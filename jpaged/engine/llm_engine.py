@@ -182,6 +182,7 @@ class LLMEngine:
         self.faults = faults if faults is not None else FaultInjector.from_env()
         self.output.faults = self.faults
         self._step_out = None  # the step in progress, for recovery if it raises
+        self._last_done = 0.0  # when the previous step's results were read
         self.async_scheduling = config.async_scheduling
         self._inflight = None  # the dispatched step whose tokens are not read yet
         self._rng = np.random.default_rng(config.seed)
@@ -401,9 +402,14 @@ class LLMEngine:
         """Read a dispatched step's tokens and turn them into outputs."""
         tokens, lp, rank, top_ids, top_lps, soff, beam_ids, beam_lps = handle.results()
         out = handle.out
-        if out.num_scheduled_tokens > len(out.scheduled):  # a prefill: teach the estimate
-            self.scheduler.estimator.record(out.num_scheduled_tokens,
-                                            time.perf_counter() - handle.dispatch_time)
+        # Teach the step-time model. Steps overlap (the next is dispatched
+        # before this one's results are read) but run one after the other:
+        # this one started when it was dispatched or when the previous
+        # finished, whichever is later.
+        done = time.perf_counter()
+        self.scheduler.estimator.record(out.num_scheduled_tokens,
+                                        done - max(handle.dispatch_time, self._last_done))
+        self._last_done = done
         toks = tokens.tolist()
         samples, results, beams = [], {}, {}
         for i, sr in enumerate(handle.out.scheduled):
