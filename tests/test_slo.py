@@ -142,11 +142,19 @@ def test_estimator_separates_step_overhead_from_token_cost():
     # A 10-token prompt: one step; 130 tokens: three chunks, three overheads.
     assert est.seconds(10) == pytest.approx(0.030)
     assert est.seconds(130) == pytest.approx(3 * 0.020 + 0.130)
-    # Recent steps win: the window forgets the old regime.
-    for _ in range(64):
-        est.record(16, 0.016)
-        est.record(32, 0.032)
+    # Recent steps win: each size class keeps its last 16 steps.
+    for _ in range(16):
+        for n in (4, 8, 40, 64):
+            est.record(n, 0.001 * n)
     assert est.overhead == pytest.approx(0.0, abs=1e-9)
+    assert est.seconds_per_token == pytest.approx(0.001)
+    # A long run of decode steps does not push the prefill chunks out (with
+    # only same-sized steps left, nothing would tell overhead from tokens).
+    for n in (4, 8, 40, 64) * 16:
+        est.record(n, 0.020 + 0.001 * n)
+    for _ in range(500):
+        est.record(4, 0.024)
+    assert est.overhead == pytest.approx(0.020)
     assert est.seconds_per_token == pytest.approx(0.001)
 
 

@@ -51,47 +51,55 @@ class PrefillEstimator:
     """How long a prefill takes, learned from the engine's recent steps.
 
     A step costs a fixed overhead (launch, sampling, host work) plus a cost
-    per token it computes; both are fit by least squares to the last
-    ``window`` steps (decode steps, many of them small, pin the overhead;
-    prefill chunks the per-token cost). A prefill of ``n`` tokens runs in
-    ``ceil(n / chunk)`` steps of at most ``chunk`` tokens
-    (``max_num_batched_tokens``), so it is predicted to take that many
-    overheads plus ``n`` tokens' cost. Dividing step time by tokens instead
-    charged a short prompt a long step's whole overhead.
+    per token it computes; both are fit by least squares to recent steps,
+    the last ``per_size`` of each size class (token counts within a power of
+    two), so that a run of decode steps (many, small: they pin the overhead)
+    does not push the prefill chunks (which give the per-token cost) out of
+    the fit. A prefill of ``n`` tokens runs in ``ceil(n / chunk)`` steps of at
+    most ``chunk`` tokens (``max_num_batched_tokens``), so it is predicted to
+    take that many overheads plus ``n`` tokens' cost. Dividing step time by
+    tokens instead charged a short prompt a long step's whole overhead.
     """
 
-    def __init__(self, chunk: int | None = None, window: int = 64):
+    def __init__(self, chunk: int | None = None, per_size: int = 16):
         self.chunk = chunk
-        self.samples: deque = deque(maxlen=window)  # (tokens, seconds)
+        self.per_size = per_size
+        self._by_size: dict[int, deque] = {}  # log2 size class -> (tokens, seconds)
         self.overhead = 0.0
         self.seconds_per_token = 0.0
 
     @property
+    def samples(self) -> list:
+        return [x for d in self._by_size.values() for x in d]
+
+    @property
     def num_samples(self) -> int:
-        return len(self.samples)
+        return sum(len(d) for d in self._by_size.values())
 
     def record(self, num_tokens: int, seconds: float) -> None:
         if num_tokens <= 0 or seconds < 0:
             return
-        self.samples.append((num_tokens, seconds))
-        self._fit()
+        d = self._by_size.setdefault(int(num_tokens).bit_length(),
+                                     deque(maxlen=self.per_size))
+        d.append((num_tokens, seconds))
+        self._fit(self.samples)
 
-    def _fit(self) -> None:
-        n = len(self.samples)
-        mx = sum(x for x, _ in self.samples) / n
-        my = sum(y for _, y in self.samples) / n
-        sxx = sum((x - mx) ** 2 for x, _ in self.samples)
+    def _fit(self, samples: list) -> None:
+        n = len(samples)
+        mx = sum(x for x, _ in samples) / n
+        my = sum(y for _, y in samples) / n
+        sxx = sum((x - mx) ** 2 for x, _ in samples)
         if sxx <= 1e-9 * max(mx * mx, 1.0):  # one step size seen: no overhead to separate
             self.overhead, self.seconds_per_token = 0.0, my / mx
             return
-        slope = sum((x - mx) * (y - my) for x, y in self.samples) / sxx
+        slope = sum((x - mx) * (y - my) for x, y in samples) / sxx
         icpt = my - slope * mx
         if slope < 0:  # noise: time does not grow with tokens here
             self.overhead, self.seconds_per_token = my, 0.0
         elif icpt < 0:  # through the origin instead
             self.overhead = 0.0
-            self.seconds_per_token = sum(x * y for x, y in self.samples) / \
-                sum(x * x for x, _ in self.samples)
+            self.seconds_per_token = sum(x * y for x, y in samples) / \
+                sum(x * x for x, _ in samples)
         else:
             self.overhead, self.seconds_per_token = icpt, slope
 
