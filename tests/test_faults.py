@@ -164,3 +164,19 @@ def test_every_failed_request_is_counted_once(server):
     assert m[("jpaged:requests_accepted_total", None)] == sum(ended.values())
     assert m[("jpaged:requests_open", None)] == 0
     assert m[("jpaged:request_end_anomalies_total", None)] == 0
+
+
+def test_fault_hook_is_off_unless_the_env_asks(monkeypatch):
+    from jpaged.engine.faults import ENV, FaultInjector, InjectedFault
+
+    monkeypatch.delenv(ENV, raising=False)
+    assert FaultInjector.from_env() is None  # production: no hook at all
+    monkeypatch.setenv(ENV, '{"detok_token": 7, "hold_s": 0.5}')
+    f = FaultInjector.from_env()
+    assert (f.step_token, f.detok_token, f.hold_s) == (None, 7, 0.5)
+    f.check_detok([1, 2, 3])
+    with pytest.raises(InjectedFault):
+        f.check_detok([1, 7])
+    monkeypatch.setenv(ENV, '{"step_tokn": 7}')
+    with pytest.raises(ValueError, match="step_tokn"):
+        FaultInjector.from_env()
