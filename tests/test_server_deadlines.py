@@ -50,3 +50,39 @@ def test_logits_processor_fields(server):
     assert a.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]
     bad = post(server, max_tokens=3, logit_bias={"99999999": 1})
     assert bad.status_code == 400 and "logit_bias" in bad.json()["error"]["message"]
+
+
+def test_stream_refused_while_waiting_is_a_503_event(server):
+    """Accepted, then refused in the queue (its deadline passed while every
+    sequence slot was taken): the stream's error event says 503, not 500."""
+    import json
+    import threading
+
+    hog_started, release = threading.Event(), threading.Event()
+
+    def hog():  # n=8 takes every slot of the shared server's engine
+        with httpx.stream("POST", server.url + "/v1/completions", headers=H, timeout=60, json={
+                "model": MODEL_NAME, "prompt": "hog", "n": 8, "max_tokens": 400,
+                "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    hog_started.set()
+                    release.wait(30)
+                    return  # leaving closes the stream: the hog is aborted
+
+    t = threading.Thread(target=hog, daemon=True)
+    t.start()
+    assert hog_started.wait(60)
+    with httpx.stream("POST", server.url + "/v1/completions", headers=H, timeout=60, json={
+            "model": MODEL_NAME, "prompt": "late", "max_tokens": 4, "stream": True,
+            "deadline_ms": 150}) as r:
+        assert r.status_code == 200
+        events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    release.set()
+    t.join(30)
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == 503 and err["type"] == "ServiceUnavailableError", err
+    assert "refused" in err["message"]
+    st = server.wait_idle()
+    assert st["free"] == st["blocks"] - 1

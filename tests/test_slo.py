@@ -121,9 +121,8 @@ def test_slo_orders_by_priority_then_slack():
 
 def test_slack_counts_the_learned_prefill_time():
     est = PrefillEstimator()
-    est.record(100, 1.0)  # 10 ms a token
-    est.record(100, 3.0)  # moving average: 10 + 0.2 * (30 - 10) = 14 ms
-    assert est.seconds_per_token == pytest.approx(0.014)
+    est.record(100, 1.4)  # one step size: all of it is per-token cost, 14 ms
+    assert (est.overhead, est.seconds_per_token) == (0.0, pytest.approx(0.014))
     pol = SLOPolicy(est)
     clock = Clock()
     long = req("long", 50, clock, deadline=1.0)
@@ -132,6 +131,31 @@ def test_slack_counts_the_learned_prefill_time():
     assert pol.slack(long, clock()) == pytest.approx(0.3)
     assert pol.next_waiting([short, long], clock()) is long
     assert pol.slack(req("free", 5, clock), clock()) == math.inf
+
+
+def test_estimator_separates_step_overhead_from_token_cost():
+    est = PrefillEstimator(chunk=64)
+    for n in (4, 4, 8, 64, 8, 40, 4):  # decode steps and prefill chunks: 20 ms + 1 ms a token
+        est.record(n, 0.020 + 0.001 * n)
+    assert est.overhead == pytest.approx(0.020)
+    assert est.seconds_per_token == pytest.approx(0.001)
+    # A 10-token prompt: one step; 130 tokens: three chunks, three overheads.
+    assert est.seconds(10) == pytest.approx(0.030)
+    assert est.seconds(130) == pytest.approx(3 * 0.020 + 0.130)
+    # Recent steps win: each size class keeps its last 16 steps.
+    for _ in range(16):
+        for n in (4, 8, 40, 64):
+            est.record(n, 0.001 * n)
+    assert est.overhead == pytest.approx(0.0, abs=1e-9)
+    assert est.seconds_per_token == pytest.approx(0.001)
+    # A long run of decode steps does not push the prefill chunks out (with
+    # only same-sized steps left, nothing would tell overhead from tokens).
+    for n in (4, 8, 40, 64) * 16:
+        est.record(n, 0.020 + 0.001 * n)
+    for _ in range(500):
+        est.record(4, 0.024)
+    assert est.overhead == pytest.approx(0.020)
+    assert est.seconds_per_token == pytest.approx(0.001)
 
 
 def test_slo_admission_refuses_what_cannot_make_it():

@@ -19,9 +19,13 @@ The life of a request:
 4. Closing or cancelling the iterator before the request finished (a client
    disconnect) aborts it; the engine frees its blocks at once, and the stat
    loggers' ``on_abort`` drops what they held for it.
-5. An exception in `LLMEngine.step` fails every in-flight request with
-   `EngineDeadError`, sets `errored`, and stops the loop; `shutdown` stops it
-   cleanly.
+5. An exception in `LLMEngine.step` fails the requests of that step with
+   `RequestFailed` (`LLMEngine.fail_step`, see `jpaged.engine.recovery`);
+   ``is_running`` is False while that runs, and the loop then goes on with
+   the other requests. If recovery is impossible (an engine without
+   ``fail_step``, a failing ``fail_step``, or `_MAX_STEP_FAILURES` failed steps
+   in a row) every in-flight request fails with `EngineDeadError`, `errored`
+   is set and the loop stops; `shutdown` stops it cleanly.
 
 Only the loop thread ever touches the engine. Tested with a fake engine whose
 outputs are known by hand and against the real engine through the server.
@@ -35,6 +39,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
+from jpaged.engine.recovery import RequestFailed
 from jpaged.engine.request_stream import ABORTED, RequestStream
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import OUTPUT_KINDS, SamplingParams
@@ -43,6 +48,7 @@ from jpaged.sched.policy import RequestRefused
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5
+_MAX_STEP_FAILURES = 3  # failed steps in a row before the engine is declared dead
 
 
 class EngineDeadError(RuntimeError):
@@ -61,10 +67,11 @@ class AsyncLLM:
         max_queue_len: refuse new requests (`QueueFullError`) while this many
             are waiting; ``None`` for no limit.
         stat_loggers: objects with optional ``on_step(stats)`` (after each
-            step, with `EngineStats`), ``on_output(out)`` (every
-            `RequestOutput`, a delta: only the step's new tokens) and
-            ``on_abort(request_id)`` (an unfinished request was aborted)
-            methods, called in the loop thread; an exception in one is
+            step, with `EngineStats`), ``on_add(request_id)`` (the engine
+            accepted a request), ``on_output(out)`` (every `RequestOutput`,
+            a delta: only the step's new tokens), ``on_abort(request_id)``
+            (an unfinished request was aborted) and ``on_fail(request_id)``
+            (an unfinished request failed as the engine stopped) methods, called in the loop thread; an exception in one is
             logged and never stops the engine.
     """
 
@@ -75,6 +82,8 @@ class AsyncLLM:
         self.max_queue_len = max_queue_len
         self.stat_loggers = list(stat_loggers)
         self.errored: BaseException | None = None
+        self.recovering = False  # failing the requests of a step that raised
+        self.step_failures = 0  # steps that raised, in all
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # loop thread only
         self._stop = threading.Event()
@@ -96,7 +105,7 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self.errored is None
+        return self._thread.is_alive() and self.errored is None and not self.recovering
 
     async def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                           priority: int = 0, cache_salt: str | None = None,
@@ -177,6 +186,7 @@ class AsyncLLM:
     # ------------------------------------------------------- loop thread
     def _run(self) -> None:
         engine = self.engine
+        failures = 0  # in a row
         try:
             while not self._stop.is_set():
                 busy = engine.has_unfinished_requests()
@@ -184,7 +194,16 @@ class AsyncLLM:
                 if self._stop.is_set():
                     break
                 if engine.has_unfinished_requests() or aborted:
-                    outs = engine.step()
+                    try:
+                        outs = engine.step()
+                    except Exception as e:  # noqa: BLE001 - fail that step's requests
+                        failures += 1
+                        if failures > _MAX_STEP_FAILURES or \
+                                not hasattr(engine, "fail_step"):
+                            raise
+                        self._recover(e)
+                        continue
+                    failures = 0
                     self._deliver(outs)
                     self._on_step()
         except BaseException as e:  # noqa: BLE001 - the engine is dead, tell everyone
@@ -195,6 +214,21 @@ class AsyncLLM:
             return
         self._fail_all(EngineDeadError("engine is shut down"))
         self._fail_commands(EngineDeadError("engine is shut down"))
+
+    def _recover(self, err: Exception) -> None:
+        """Fail the requests of the step that raised ``err``; the engine is
+        reported down (``is_running`` False) until this returns."""
+        logger.exception("engine step failed: failing its requests", exc_info=err)
+        self.recovering = True
+        self.step_failures += 1
+        try:
+            self._deliver(self.engine.fail_step(err))
+            self._on_step()
+            hold = getattr(getattr(self.engine, "faults", None), "hold_s", 0.0)
+            if hold:  # test-only (jpaged.engine.faults): make the outage observable
+                self._stop.wait(hold)
+        finally:
+            self.recovering = False
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands; returns whether any request was aborted."""
@@ -240,10 +274,12 @@ class AsyncLLM:
                 err = e if isinstance(e, (ValueError, RequestRefused)) else ValueError(str(e))
         if err is None:
             self._streams[request_id] = stream
+            self._notify("on_add", request_id)
         if not _call_soon(stream.loop, _settle, accepted, err) and err is None:
             # Its event loop is gone: nobody will read or abort it.
             self.engine.abort_request(request_id)
             self._streams.pop(request_id, None)
+            self._notify("on_abort", request_id)
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         by_loop: dict = {}
@@ -282,6 +318,7 @@ class AsyncLLM:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             _call_soon(stream.loop, _push_all, [(stream, err)])
+            self._notify("on_fail", stream.request_id)
 
     def _fail_commands(self, err: BaseException) -> None:
         while True:
@@ -319,4 +356,5 @@ def _call_soon(loop, fn, *args) -> bool:
         return False
 
 
-__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestRefused", "RequestStream"]
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestFailed", "RequestRefused",
+           "RequestStream"]

@@ -38,7 +38,9 @@ from jpaged.distributed import multihost
 from jpaged.distributed.mesh import check_split, make_mesh
 from jpaged.model_loader.loader import load_model
 from jpaged.engine.beam_output import beam_request_output
+from jpaged.engine.faults import FaultInjector
 from jpaged.engine.output_processor import OutputProcessor, RequestState
+from jpaged.engine.recovery import fail_step
 from jpaged.outputs import RequestMetrics, RequestOutput
 from jpaged.runner.model_runner import ModelRunner, RunnerConfig, kv_bytes_per_block
 from jpaged.sample.beam_search import MAX_BEAM_CANDIDATES, num_candidates
@@ -82,7 +84,10 @@ def enable_compilation_cache() -> None:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, clock=time.time, **kwargs):
+    def __init__(self, config: EngineConfig | None = None, clock=time.time, faults=None,
+                 **kwargs):
+        """``faults``: a test-only `jpaged.engine.faults.FaultInjector` (default:
+        from ``JPAGED_TEST_FAULTS``, normally unset: no faults)."""
         config = config or EngineConfig(**kwargs)
         # Before anything touches a device: a multi-host run joins its peers.
         multihost.initialize(config.distributed_coordinator, config.num_processes,
@@ -174,6 +179,10 @@ class LLMEngine:
                     time.perf_counter() - start)
         self.max_model_len = max_model_len
         self.output = OutputProcessor(self.tokenizer, self.scheduler, max_model_len)
+        self.faults = faults if faults is not None else FaultInjector.from_env()
+        self.output.faults = self.faults
+        self._step_out = None  # the step in progress, for recovery if it raises
+        self._last_done = 0.0  # when the previous step's results were read
         self.async_scheduling = config.async_scheduling
         self._inflight = None  # the dispatched step whose tokens are not read yet
         self._rng = np.random.default_rng(config.seed)
@@ -366,6 +375,9 @@ class LLMEngine:
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self._step_out = out
+        if self.faults is not None:
+            self.faults.check_step(out.scheduled)
         ended = self.output.end_early(out.expired, out.refused) \
             if out.expired or out.refused else []
         ended += self._beam_outputs()  # beam searches past their deadline
@@ -390,9 +402,14 @@ class LLMEngine:
         """Read a dispatched step's tokens and turn them into outputs."""
         tokens, lp, rank, top_ids, top_lps, soff, beam_ids, beam_lps = handle.results()
         out = handle.out
-        if out.num_scheduled_tokens > len(out.scheduled):  # a prefill: teach the estimate
-            self.scheduler.estimator.record(out.num_scheduled_tokens,
-                                            time.perf_counter() - handle.dispatch_time)
+        # Teach the step-time model. Steps overlap (the next is dispatched
+        # before this one's results are read) but run one after the other:
+        # this one started when it was dispatched or when the previous
+        # finished, whichever is later.
+        done = time.perf_counter()
+        self.scheduler.estimator.record(out.num_scheduled_tokens,
+                                        done - max(handle.dispatch_time, self._last_done))
+        self._last_done = done
         toks = tokens.tolist()
         samples, results, beams = [], {}, {}
         for i, sr in enumerate(handle.out.scheduled):
@@ -412,6 +429,11 @@ class LLMEngine:
         updated = sched.update_from_output(handle.out, samples, beams)
         self.generation_tokens_total += len(updated) + len(beams)
         return self.output.process(updated, results) + self._beam_outputs()
+
+    def fail_step(self, err: BaseException) -> list[RequestOutput]:
+        """After `step` raised: end its requests with `RequestFailed` (see
+        `jpaged.engine.recovery`) and return their final outputs."""
+        return fail_step(self, err)
 
     def _beam_outputs(self) -> list[RequestOutput]:
         """Final outputs of the beam searches the scheduler finished."""

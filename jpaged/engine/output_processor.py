@@ -85,6 +85,7 @@ class OutputProcessor:
         self.scheduler = scheduler
         self.max_model_len = max_model_len
         self.requests: dict[str, RequestState] = {}
+        self.faults = None  # a test-only FaultInjector (jpaged.engine.faults)
 
     def add(self, state: RequestState) -> None:
         state.hold = max((len(s) for s in state.params.stop), default=1) - 1
@@ -98,6 +99,7 @@ class OutputProcessor:
         ``(logprob, rank, top_ids, top_logprobs)`` of that sample's token."""
         now = time.time()
         touched: dict[str, RequestState] = {}
+        failed: list[RequestOutput] = []
         for req in updated:
             state = self.requests.get(req.group_id)
             if state is None:
@@ -111,9 +113,17 @@ class OutputProcessor:
                 m.first_scheduled_time = req.first_scheduled_time
                 state.num_cached_tokens = max(req.num_cached_tokens, 0)
             m.last_token_time = now
-            self._process_token(state, req, results.get((req.group_id, req.sample_index)))
+            try:
+                self._process_token(state, req, results.get((req.group_id, req.sample_index)))
+            except Exception as e:  # noqa: BLE001 - this request's own fault: it fails alone
+                from jpaged.engine.recovery import RequestFailed, fail_request
+
+                touched.pop(state.request_id, None)
+                failed.append(fail_request(self, state.request_id, RequestFailed(
+                    f"request failed while detokenizing: {type(e).__name__}: {e}")))
+                continue
             touched[state.request_id] = state
-        outputs = []
+        outputs = failed
         for state in touched.values():
             finished = len(state.samples) == state.params.n and all(
                 r.status.finished for r in state.samples)
@@ -135,6 +145,8 @@ class OutputProcessor:
         if st is None:
             st = state.states[req.sample_index] = SampleState(
                 IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens))
+        if self.faults is not None:
+            self.faults.check_detok(state.prompt_token_ids)
         if sp.logprobs is not None:
             lp, rank, top_ids, top_lps = res
             st.cumulative_logprob += lp

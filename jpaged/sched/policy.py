@@ -8,7 +8,8 @@ point group ``jpaged.scheduling_policies``):
 
 ``__init__(self, estimator: PrefillEstimator)``
     ``estimator.seconds(num_tokens)`` predicts how long a prefill of that
-    many tokens takes, learned from the engine's recent steps.
+    many tokens takes (per-step overhead plus per-token cost, learned from
+    the engine's recent steps).
 ``next_waiting(self, waiting: Sequence[Request], now: float) -> Request``
     The waiting request to admit next (``waiting`` is never empty; preempted
     requests are at its front).
@@ -29,6 +30,7 @@ control.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 
 from jpaged.sched.request import Request
@@ -46,27 +48,67 @@ class RequestRefused(RuntimeError):
 
 
 class PrefillEstimator:
-    """Seconds per prefill token, an exponential moving average over the
-    engine's recent steps (steps of one token per sequence teach nothing
-    about prefill and are not recorded)."""
+    """How long a prefill takes, learned from the engine's recent steps.
 
-    def __init__(self, seconds_per_token: float = 0.0, alpha: float = 0.2):
-        self.seconds_per_token = seconds_per_token
-        self.alpha = alpha
-        self.num_samples = 0
+    A step costs a fixed overhead (launch, sampling, host work) plus a cost
+    per token it computes; both are fit by least squares to recent steps,
+    the last ``per_size`` of each size class (token counts within a power of
+    two), so that a run of decode steps (many, small: they pin the overhead)
+    does not push the prefill chunks (which give the per-token cost) out of
+    the fit. A prefill of ``n`` tokens runs in ``ceil(n / chunk)`` steps of at
+    most ``chunk`` tokens (``max_num_batched_tokens``), so it is predicted to
+    take that many overheads plus ``n`` tokens' cost. Dividing step time by
+    tokens instead charged a short prompt a long step's whole overhead.
+    """
+
+    def __init__(self, chunk: int | None = None, per_size: int = 16):
+        self.chunk = chunk
+        self.per_size = per_size
+        self._by_size: dict[int, deque] = {}  # log2 size class -> (tokens, seconds)
+        self.overhead = 0.0
+        self.seconds_per_token = 0.0
+
+    @property
+    def samples(self) -> list:
+        return [x for d in self._by_size.values() for x in d]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(d) for d in self._by_size.values())
 
     def record(self, num_tokens: int, seconds: float) -> None:
         if num_tokens <= 0 or seconds < 0:
             return
-        rate = seconds / num_tokens
-        if self.num_samples == 0:
-            self.seconds_per_token = rate
+        d = self._by_size.setdefault(int(num_tokens).bit_length(),
+                                     deque(maxlen=self.per_size))
+        d.append((num_tokens, seconds))
+        self._fit(self.samples)
+
+    def _fit(self, samples: list) -> None:
+        n = len(samples)
+        mx = sum(x for x, _ in samples) / n
+        my = sum(y for _, y in samples) / n
+        sxx = sum((x - mx) ** 2 for x, _ in samples)
+        if sxx <= 1e-9 * max(mx * mx, 1.0):  # one step size seen: no overhead to separate
+            self.overhead, self.seconds_per_token = 0.0, my / mx
+            return
+        slope = sum((x - mx) * (y - my) for x, y in samples) / sxx
+        icpt = my - slope * mx
+        if slope < 0:  # noise: time does not grow with tokens here
+            self.overhead, self.seconds_per_token = my, 0.0
+        elif icpt < 0:  # through the origin instead
+            self.overhead = 0.0
+            self.seconds_per_token = sum(x * y for x, y in samples) / \
+                sum(x * x for x, _ in samples)
         else:
-            self.seconds_per_token += self.alpha * (rate - self.seconds_per_token)
-        self.num_samples += 1
+            self.overhead, self.seconds_per_token = icpt, slope
 
     def seconds(self, num_tokens: int) -> float:
-        return max(num_tokens, 0) * self.seconds_per_token
+        n = max(num_tokens, 0)
+        if n == 0:
+            return 0.0
+        steps = math.ceil(n / self.chunk) if self.chunk else 1
+        return steps * self.overhead + n * self.seconds_per_token
 
 
 def _remaining_prefill(req: Request) -> int:

@@ -77,7 +77,7 @@ class Scheduler:
         self.kv = kv
         # The clock of arrival times and deadlines (tests inject a fake one).
         self.clock = clock
-        self.estimator = PrefillEstimator()
+        self.estimator = PrefillEstimator(chunk=config.max_num_batched_tokens)
         self.policy = resolve_policy(config.scheduling_policy)(self.estimator)
         self._timed = False  # some request ever had a deadline
         self.waiting: deque[Request] = deque()

@@ -7,7 +7,9 @@ observes inter-token latency as tokens arrive and, when a request finishes,
 its time to first token, end-to-end latency, queue time and finish reason;
 ``on_abort`` (loop thread, when the engine aborts an unfinished request)
 counts the abort and drops the request's entry, so nothing is kept for
-requests that are gone. Each app has its own `CollectorRegistry`, so several
+requests that are gone. ``on_add``, the ends above and ``on_fail`` (the
+engine died under a request) count every accepted request's single end by
+outcome (``jpaged:requests_ended``), for the soak test's accounting. Each app has its own `CollectorRegistry`, so several
 servers can live in one process.
 """
 
@@ -21,6 +23,9 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                 1.0, 2.5, 5.0, 10.0)
+
+
+OUTCOMES = ("completed", "expired", "refused", "cancelled", "failed")
 
 
 class ServerMetrics:
@@ -65,6 +70,17 @@ class ServerMetrics:
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
         self._progress: dict[str, float] = {}  # running request id -> last token time
+        # Exactly-once accounting (scripts/soak.py checks it): every accepted
+        # request ends once, as one of OUTCOMES.
+        self.accepted = c("requests_accepted", "Requests the engine accepted.")
+        self.ended = Counter("jpaged:requests_ended", "Accepted requests that ended, by outcome.",
+                             ["model_name", "outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.ended.labels(model_name, outcome)
+        self.open = g("requests_open", "Accepted requests that have not ended yet.")
+        self.end_anomalies = c("request_end_anomalies",
+                               "Ends of requests that were not open (ended twice or unknown).")
+        self._open: set[str] = set()
 
     # ----------------------------------------------------- loop thread
     def on_step(self, stats) -> None:
@@ -82,6 +98,8 @@ class ServerMetrics:
         """``out`` is a delta: its token ids are the ones new since the last."""
         m = out.metrics
         if m is None:
+            if out.finished:
+                self.on_finished(out)
             return
         n_new = sum(len(o.token_ids) for o in out.outputs)
         last_t = m.last_token_time
@@ -96,8 +114,36 @@ class ServerMetrics:
         elif last_t is not None and n_new:
             self._progress[out.request_id] = last_t
 
+    def on_add(self, request_id: str) -> None:
+        self.accepted.inc()
+        self._open.add(request_id)
+        self.open.set(len(self._open))
+
+    def _end(self, request_id: str, outcome: str) -> None:
+        if request_id in self._open:
+            self._open.discard(request_id)
+            self.open.set(len(self._open))
+        else:
+            self.end_anomalies.inc()
+        self.ended.labels(self.model_name, outcome).inc()
+
+    def on_fail(self, request_id: str) -> None:
+        """An unfinished request failed with the engine (it died or shut down)."""
+        self._progress.pop(request_id, None)
+        self._end(request_id, "failed")
+
     def on_finished(self, out) -> None:
+        from jpaged.engine.recovery import RequestFailed
+        from jpaged.sched.policy import RequestRefused
+
+        err = out.error
+        self._end(out.request_id, "refused" if isinstance(err, RequestRefused) else
+                  "failed" if isinstance(err, RequestFailed) else
+                  "expired" if any(o.stop_reason == "deadline" for o in out.outputs) else
+                  "completed")
         m = out.metrics
+        if m is None:
+            return
         if m.first_token_time is not None:
             self.ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
         end = m.finished_time or time.time()
@@ -112,3 +158,4 @@ class ServerMetrics:
         """A request aborted before finishing (client disconnect, shutdown)."""
         self._progress.pop(request_id, None)
         self.success.labels(self.model_name, "abort").inc()
+        self._end(request_id, "cancelled")

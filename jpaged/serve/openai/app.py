@@ -113,6 +113,7 @@ def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = N
         Route("/version", misc.version, methods=["GET"]),
         Route("/v1/models", misc.models, methods=["GET"]),
         Route("/metrics", misc.metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", misc.openapi, methods=["GET"]),
         Route("/tokenize", _wrap(misc.tokenize), methods=["POST"]),
         Route("/detokenize", _wrap(misc.detokenize), methods=["POST"]),
         Route("/v1/completions", _wrap(completions), methods=["POST"]),
@@ -124,7 +125,7 @@ def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = N
     app.state.jpaged = state
     for name in ("uvicorn.access", "uvicorn.error"):  # they log request paths
         get_logger(name)
-    public = {"/health"} | ({"/metrics"} if cfg.metrics_public else set())
+    public = {"/health", "/openapi.json"} | ({"/metrics"} if cfg.metrics_public else set())
     # The authenticator: the configured one, else API keys if there are any.
     keys = [k for k in cfg.api_keys if k]
     state.auth = cfg.auth if cfg.auth is not None else (APIKeyAuth(keys) if keys else None)

@@ -1,5 +1,5 @@
 """The small routes: ``/health``, ``/version``, ``/v1/models``, ``/metrics``,
-``/tokenize`` and ``/detokenize`` (vLLM's shapes)."""
+``/tokenize`` and ``/detokenize`` (vLLM's shapes), and ``/openapi.json``."""
 
 from __future__ import annotations
 
@@ -17,11 +17,24 @@ def _state(request: Request) -> ServerState:
 
 async def health(request: Request):
     st = _state(request)
+    if getattr(st.llm, "recovering", False):
+        return error_response(503, "engine is recovering from a failed step",
+                              headers={"Retry-After": "1"})
     if not st.llm.is_running:
         return error_response(503, f"engine is not running: {st.llm.errored!r}")
     if st.draining:
         return error_response(503, "server is shutting down", headers={"Retry-After": "5"})
     return Response(status_code=200)
+
+
+async def openapi(request: Request):
+    import jpaged
+    from jpaged.serve.openai.openapi import build_openapi
+
+    st = _state(request)
+    if st.openapi is None:  # built once: it only depends on the configuration
+        st.openapi = build_openapi("jpaged", jpaged.__version__, st.auth is not None)
+    return JSONResponse(st.openapi)
 
 
 async def version(request: Request):

@@ -113,6 +113,7 @@ class ServerState:
         self.active: set[str] = set()  # engine request ids being served
         self.server = None  # the uvicorn.Server, when run by run_server
         self.auth = None  # the authenticator build_app chose (shared with gRPC)
+        self.openapi: dict | None = None  # /openapi.json, built on first request
 
     async def in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)

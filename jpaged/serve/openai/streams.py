@@ -15,7 +15,7 @@ import json
 import math
 import time
 
-from jpaged.engine.async_llm import EngineDeadError, QueueFullError
+from jpaged.engine.async_llm import EngineDeadError, QueueFullError, RequestFailed
 from jpaged.sampling_params import SamplingParams
 from jpaged.sched.policy import RequestRefused
 from jpaged.serve.auth import PRINCIPAL
@@ -86,6 +86,8 @@ class Generation:
                 finals[i] = out
         except RequestRefused as e:
             raise refused_error(e) from None
+        except RequestFailed as e:  # its engine step (or its detokenization) failed
+            raise APIError(500, str(e)) from None
         for out in finals:
             for o in out.outputs if out is not None else ():
                 self.completion_tokens += len(o.token_ids)
@@ -252,6 +254,7 @@ def sse(obj) -> str:
 def error_chunk(e: BaseException) -> str:
     """An error after the stream started, in OpenAI's error shape."""
     status, kind = (400, "BadRequestError") if isinstance(e, ValueError) else \
+        (503, "ServiceUnavailableError") if isinstance(e, RequestRefused) else \
         (500, "InternalServerError")
     msg = str(e) or type(e).__name__
     return sse({"error": {"message": msg[:2000], "type": kind, "param": None,
