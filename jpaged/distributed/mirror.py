@@ -70,6 +70,10 @@ class LeaderEngine:
         self._closed = False
 
     def __getattr__(self, name):  # read-only access (tokenizer, scheduler, stats, ...)
+        if name == "fail_step":
+            # Recovering on process 0 alone would leave the others out of
+            # step: a failed step ends the multi-host engine.
+            raise AttributeError(name)
         return getattr(self.engine, name)
 
     def add_request(self, request_id, prompt, params=None, arrival_time=None, **kwargs):
