@@ -73,8 +73,9 @@ def plot_run(rec: StepRecorder, path: str, title: str = "jpaged generate") -> No
     fig, (kv, tp, q) = plt.subplots(3, 1, figsize=(9, 7.5), sharex=True,
                                     gridspec_kw={"height_ratios": [3, 2, 1.4]})
     n = max(rec.num_blocks, 1)
-    kv.plot(c["t"], 100 * c["in_use"] / n, color="#1f77b4", label="blocks in use")
-    kv.plot(c["t"], 100 * c["cached_free"] / n, color="#2f7d8c", linestyle="--",
+    kv.step(c["t"], 100 * c["in_use"] / n, where="post", color="#1f77b4",
+            label="blocks in use")
+    kv.step(c["t"], 100 * c["cached_free"] / n, where="post", color="#2f7d8c", linestyle="--",
             label="free, prefix kept for reuse")
     kv.set_ylabel(f"% of {rec.num_blocks} KV blocks")
     kv.set_ylim(0, 105)
@@ -91,7 +92,7 @@ def plot_run(rec: StepRecorder, path: str, title: str = "jpaged generate") -> No
     q.legend(loc="upper right", fontsize=8)
     q.grid(alpha=0.3)
     total = c["generated"][-1]
-    fig.suptitle(f"{title}: {len(c['t'])} steps, {int(total)} output tokens in "
+    fig.suptitle(f"{title}: {len(c['t']) - 1} steps, {int(total)} output tokens in "
                  f"{c['t'][-1]:.2f} s, peak KV usage {100 * c['in_use'].max() / n:.1f}%")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
