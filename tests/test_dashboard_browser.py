@@ -96,3 +96,13 @@ def test_dashboard_in_chromium(llama_dir):
               f"({os.path.getsize(ARTIFACTS / 'dashboard.png')} bytes)")
     finally:
         browser.close()
+
+
+def test_missing_chromium_fails_naming_the_apt_command(monkeypatch):
+    import shutil
+
+    import pytest
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium chromium-driver"):
+        HeadlessChromium("http://127.0.0.1:1")
