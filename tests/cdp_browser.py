@@ -50,9 +50,10 @@ class HeadlessChromium:
         self.errors: list[str] = []  # uncaught exceptions in the page's scripts
         self._ids = itertools.count(1)
         self._waiting: dict[int, queue.Queue] = {}
+        binary = chromium_binary()
         self._profile = tempfile.mkdtemp(prefix="jpaged-chromium-")
         self.proc = subprocess.Popen(
-            [chromium_binary(), "--headless=new", "--no-sandbox", "--disable-gpu",
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu",
              "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
              "--disable-extensions", "--disable-background-networking", "--disable-sync",
              "--disable-component-update", "--remote-debugging-port=0",

@@ -168,8 +168,12 @@ class BlockPool:
         return self.free_block_queue.num_hashed
 
     def _mirror_refs(self, blocks: Sequence[KVCacheBlock]) -> None:
-        if blocks:
-            self.ref_counts[[b.block_id for b in blocks]] = [b.ref_cnt for b in blocks]
+        refs = self.ref_counts
+        if len(blocks) <= 8:  # the usual case (a block or two a step): item writes
+            for b in blocks:
+                refs[b.block_id] = b.ref_cnt
+        else:
+            refs[[b.block_id for b in blocks]] = [b.ref_cnt for b in blocks]
 
     @property
     def usage(self) -> float:
