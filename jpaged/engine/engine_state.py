@@ -1,23 +1,14 @@
-"""A snapshot of the engine's memory and scheduler for the live dashboard.
-
+"""A snapshot of the engine's memory and scheduler for the live dashboard:
 `engine_state` is computed on request, in the engine's own thread (the
 server queues it with `AsyncLLM.call`), from what the engine keeps anyway:
 the block pool's free-queue counts and its numpy mirrors of ref counts and
 hashed flags, the scheduler's queues, each running request's block list and
-the persistent batch's block-table rows. Nothing here runs per step. The
-whole-pool work is a handful of numpy passes over ``num_blocks`` bytes or
-int32s, and the per-request work touches each running request once (its
-block ids are a slice of its block-table row, checked against its block
-list at both ends; a request without a row yet, such as an ``n > 1``
-sibling forked since the last step, is read from its block list).
-
-The KV grid covers blocks 1..N (block 0 is the null block that pads block
-tables) in at most ``cells`` cells of ``blocks_per_cell`` consecutive
-blocks. Per cell it counts blocks in use by one request (``used``), shared
-by several (``shared``: ref count > 1, counted once), free but keeping a
-prefix hash that a later prompt can revive (``cached``); the rest of the
-cell is free. ``owner`` is the index, in ``requests``, of a running request
-holding a block of the cell (the last listed), or -1.
+the persistent batch's block-table rows. Nothing here runs per step; the
+whole-pool work is a handful of numpy passes over ``num_blocks`` entries,
+and each running request is touched once (its block ids are a slice of its
+block-table row, checked against its block list at both ends; a request
+without a row yet, such as an ``n > 1`` sibling forked since the last step,
+is read from its block list).
 """
 
 from __future__ import annotations
@@ -44,8 +35,14 @@ def check_cells(cells) -> int:
 
 
 def block_grid(pool, owner: np.ndarray, cells: int) -> dict:
-    """The aggregated grid of ``pool`` (see the module docstring), as numpy
-    arrays: the caller encodes them outside the engine thread."""
+    """The KV grid: blocks 1..N (block 0 is the null block that pads block
+    tables) in at most ``cells`` cells of ``blocks_per_cell`` consecutive
+    blocks. Per cell, numpy arrays (encoded outside the engine thread) count
+    blocks in use by one request (``used``), shared by several (``shared``:
+    ref count > 1, counted once) and free but keeping a prefix hash that a
+    later prompt can revive (``cached``); the rest of the cell is free.
+    ``owner`` is the index in ``requests`` of a running request holding a
+    block of the cell (the last listed), or -1."""
     n = pool.num_blocks - 1
     per = -(-n // cells)
     ref, hashed = pool.ref_counts[1:], pool.hashed[1:]

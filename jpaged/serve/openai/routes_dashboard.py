@@ -1,19 +1,12 @@
-"""The live dashboard: ``GET /dashboard`` (one self-contained HTML page) and
-``GET /v1/engine/state`` (the JSON it polls), behind the server's auth.
-
-The state is `jpaged.engine.engine_state.engine_state` plus the recent rates
-and latencies of `DashboardStats`, both read in the engine thread by one
-queued `AsyncLLM.call` (from a worker thread, so the event loop never waits
-on a step); the JSON is encoded there too. ``?cells=N`` (1..65536, default
-4096) sizes the KV grid.
-
-A browser cannot add ``Authorization: Bearer`` to a page it navigates to, so
-on these two paths only `BrowserAuth` also takes HTTP Basic credentials whose
-password is the bearer token (the API key; the user name is ignored) and
-passes them on as ``Bearer``, and its 401s add a ``Basic`` challenge: the
-browser asks for the key once, then sends it with the page's own requests.
-The page carries a Content-Security-Policy that lets it reach nothing but
-its own origin.
+"""The live dashboard: ``GET /dashboard`` (one self-contained HTML page whose
+Content-Security-Policy lets it reach nothing but its own origin) and ``GET
+/v1/engine/state`` (the JSON it polls; ``?cells=N``, 1..65536, default 4096,
+sizes the KV grid), behind the server's authentication. The state is
+`jpaged.engine.engine_state.engine_state` plus the recent rates and
+latencies of `DashboardStats`, both read in the engine thread by one queued
+`AsyncLLM.call` made from a worker thread (the event loop never waits on a
+step), and encoded as JSON in that worker thread (the engine never does).
+`BrowserAuth` lets a browser log in to these two paths with HTTP Basic.
 """
 
 from __future__ import annotations
@@ -70,6 +63,8 @@ def routes(llm) -> list[Route]:
         def read() -> bytes:  # in a worker thread: the engine never encodes
             return to_json(llm.call(snapshot, _STATE_TIMEOUT_S))
 
+        if not llm.is_running:
+            return error_response(503, f"engine is not running: {llm.errored!r}")
         try:
             body = await asyncio.to_thread(read)
         except EngineDeadError as e:
@@ -99,7 +94,15 @@ def _basic_as_bearer(headers: list) -> list:
 
 
 class BrowserAuth:
-    """Basic credentials for the dashboard's paths (see the module docstring)."""
+    """HTTP Basic credentials for the dashboard's paths.
+
+    A browser cannot add ``Authorization: Bearer`` to a page it navigates
+    to, so on ``paths`` only this takes Basic credentials whose password is
+    the bearer token (the API key; the user name is ignored), passes them on
+    to the authenticator as ``Bearer``, and adds a ``Basic`` challenge to the
+    401s: the browser asks for the key once, then sends it with the page's
+    own requests. Elsewhere Basic credentials are refused as before.
+    """
 
     def __init__(self, app, paths=PATHS):
         self.app, self.paths = app, frozenset(paths)
