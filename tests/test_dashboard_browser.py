@@ -3,17 +3,22 @@ opens ``/dashboard`` on the session's server, giving the API key at the
 HTTP authentication prompt; while requests run, the page must show live
 data (at least one update a second) and its KV grid and numbers must change,
 then return to idle; it must make no request outside the server's origin and
-throw no script error. A screenshot taken mid-run goes to
-``.ci/artifacts/dashboard.png``."""
+throw no script error; a 100,000-block state must draw quickly. A screenshot taken mid-run goes to
+``.ci/artifacts/dashboard.png``, one of the 100,000-block state to
+``dashboard-100k.png`` beside it."""
 
 import hashlib
+import json
 import os
 import threading
 import time
 from pathlib import Path
 
 from cdp_browser import HeadlessChromium
+from jpaged.engine.engine_state import engine_state, to_json
+from jpaged.serve.dashboard_stats import DashboardStats
 from serve_helpers import API_KEY, MODEL_NAME, shared_server
+from test_dashboard_state import big_engine
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".ci" / "artifacts"
 NUMBERS = """(() => { const n = (id) => Number(document.getElementById(id).textContent
@@ -90,10 +95,25 @@ def test_dashboard_in_chromium(llama_dir):
         assert all(u.startswith(server.url + "/") for u in browser.requests + names), names
         assert any("/v1/engine/state" in u for u in browser.requests)
         assert browser.errors == [], browser.errors
+        # A 100,000-block pool with 256 running requests, drawn by the page
+        # (its polling stopped first, so that the screenshot shows this state).
+        browser.evaluate("window.setTimeout = () => 0")
+        time.sleep(1.5)
+        big = to_json({**engine_state(big_engine(), cells=8192),
+                       **DashboardStats().summary()}).decode()
+        draw_ms = browser.evaluate(
+            f"(() => {{ const s = JSON.parse({json.dumps(big)}); const t = performance.now();"
+            " render(s); return [performance.now() - t,"
+            " document.getElementById('grid-note').textContent,"
+            " document.getElementById('requests').rows.length]; })()")
+        assert draw_ms[0] < 250 and "13 blocks per cell" in draw_ms[1], draw_ms
+        assert draw_ms[2] == 40  # the largest 40 of 256
+        browser.screenshot(str(ARTIFACTS / "dashboard-100k.png"))
         print(f"\nbrowser saw: idle {idle}\n busy {busy}\n 3 s later {later} "
               f"({rate:.1f} updates/s)\n end {end}\n {len(browser.requests)} requests, "
               f"all to {server.url}; screenshot {ARTIFACTS / 'dashboard.png'} "
-              f"({os.path.getsize(ARTIFACTS / 'dashboard.png')} bytes)")
+              f"({os.path.getsize(ARTIFACTS / 'dashboard.png')} bytes); 100k blocks "
+              f"drawn in {draw_ms[0]:.1f} ms ({draw_ms[1]})")
     finally:
         browser.close()
 
