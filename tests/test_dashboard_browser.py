@@ -62,8 +62,8 @@ def test_dashboard_in_chromium(llama_dir):
         threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(6)]
         for t in threads:
             t.start()
-        busy = browser.wait_for(f"(() => {{ const s = {NUMBERS}; "
-                                "return s.running >= 5 && s.inUse > 0 && s.shared > 0 && s.tps > 0 ? s : null; })()",
+        busy = browser.wait_for(f"(() => {{ const s = {NUMBERS}; return s.running >= 5 && "
+                                "s.inUse > 0 && s.shared > 0 && s.tps > 0 ? s : null; })()",
                                 timeout=120)
         busy_grid = grid_digest(browser)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
