@@ -74,7 +74,6 @@ def test_dashboard_in_chromium(llama_dir):
         later = browser.evaluate(NUMBERS)
         rate = (later["updates"] - u0) / (time.monotonic() - t0)
         assert rate >= 1.0, (rate, later)
-        changing = later["inUse"] != busy["inUse"] or grid_digest(browser) != busy_grid
         for t in threads:
             t.join(300)
         assert len(done) == 6
@@ -82,8 +81,9 @@ def test_dashboard_in_chromium(llama_dir):
         end = browser.wait_for(f"(() => {{ const s = {NUMBERS}; "
                                "return s.inUse === 0 && s.running === 0 ? s : null; })()")
         end_grid = grid_digest(browser)
+        # The numbers and the grid moved with the engine: idle, busy, idle again.
+        assert busy["inUse"] > 0 and busy["shared"] > 0 and end["inUse"] == 0
         assert busy_grid != idle_grid and end_grid != busy_grid
-        assert changing or later["updates"] > u0, "the page did not change while busy"
         assert busy["rows"] >= 2 and end["rows"] == 0
         assert "live" in end["status"], end
 
