@@ -14,6 +14,7 @@ is read from its block list).
 from __future__ import annotations
 
 import json
+import operator
 import os
 import time
 
@@ -21,6 +22,7 @@ import numpy as np
 
 DEFAULT_CELLS = 4096
 MAX_CELLS = 1 << 16
+_BLOCK_ID = operator.attrgetter("block_id")
 
 
 def check_cells(cells) -> int:
@@ -74,19 +76,19 @@ def running_requests(kv, running, rows: dict, block_table: np.ndarray | None):
     # A request's block ids are a slice of its block-table row when that row
     # agrees with its block list at both ends; otherwise (no row yet: an
     # n > 1 sibling forked since the last step) they come from the list.
-    row = np.fromiter((rows.get(rid, -1) for rid in rids), np.int64, k)
+    row = np.array([rows.get(rid, -1) for rid in rids], np.int64)
     ok = (row >= 0) & (counts > 0)
     if block_table is not None and ok.any():
-        ends = np.fromiter((b[-1].block_id if b else -1 for b in lists), np.int64, k)
-        heads = np.fromiter((b[0].block_id if b else -1 for b in lists), np.int64, k)
+        ends = np.array([b[-1].block_id if b else -1 for b in lists], np.int64)
+        heads = np.array([b[0].block_id if b else -1 for b in lists], np.int64)
         r, last = np.where(ok, row, 0), np.maximum(counts - 1, 0)
         ok &= (block_table[r, 0] == heads) & (block_table[r, last] == ends)
     else:
         ok[:] = False
-    ids = [block_table[i, :n] if good else
-           np.fromiter((b.block_id for b in blocks), np.int32, n)
+    ids = [block_table[i, :n] if good else np.fromiter(map(_BLOCK_ID, blocks), np.int32, n)
            for i, n, good, blocks in zip(row.tolist(), counts.tolist(), ok.tolist(), lists)]
-    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    # intp: numpy would convert int32 indices on each of the two uses below.
+    all_ids = np.concatenate(ids).astype(np.intp) if ids else np.zeros(0, np.intp)
     holder = np.repeat(np.arange(k, dtype=np.int32), counts)
     columns = {"id": rids, "group": [r.group_id for r in running], "blocks": counts,
                "prompt_tokens": [len(r.prompt_token_ids) for r in running],
@@ -106,7 +108,7 @@ def engine_state(engine, cells: int = DEFAULT_CELLS) -> dict:
     requests, ids, holder, counts = running_requests(kv, sched.running, rows, table)
     # Shared blocks per request: differences of a running sum over its slice.
     shared = np.zeros(len(ids) + 1, np.int32)
-    np.cumsum(pool.ref_counts[ids] > 1, out=shared[1:])
+    np.cumsum(np.take(pool.ref_counts, ids) > 1, out=shared[1:])
     ends = np.cumsum(counts)
     requests["shared_blocks"] = shared[ends] - shared[ends - counts]
     owner = np.full(pool.num_blocks, -1, np.int32)
