@@ -411,6 +411,10 @@ class KVCacheMachine(RuleBasedStateMachine):
             assert block.ref_cnt == holders[block.block_id]
             assert (block.ref_cnt == 0) == (block.block_id in set(free_ids))
         assert self.m.usage == pytest.approx(1 - len(free_ids) / (NUM_BLOCKS - 1))
+        # The dashboard's mirrors agree with the block records.
+        assert pool.ref_counts.tolist() == [b.ref_cnt for b in pool.blocks]
+        assert pool.hashed.tolist() == [b.block_hash is not None for b in pool.blocks]
+        assert pool.get_num_cached_free_blocks() == sum(b.block_hash is not None for b in free)
 
     @invariant()
     def hashes_are_consistent(self):

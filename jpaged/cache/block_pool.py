@@ -8,9 +8,12 @@ requests share it through a prefix hit or a fork (``touch``: ref++);
 (5) ``free_blocks`` drops ref counts and appends blocks that reach 0 to the
 tail of the free queue, where they keep their hash and can be revived by a
 later prefix hit until they drift to the head and are reused. Block 0 is the
-null block that pads block tables: it is never handed out nor freed. Pure
-Python, no JAX; tested in ``tests/test_block_pool.py`` and by the state
-machine in ``tests/test_kv_cache_manager.py``.
+null block that pads block tables: it is never handed out nor freed. For the
+live dashboard the pool also keeps numpy mirrors of every block's ref count
+and hashed flag, written where those change (never scanned per step), and the
+free queue counts its hashed blocks. No JAX; tested in
+``tests/test_block_pool.py`` and by the state machine in
+``tests/test_kv_cache_manager.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 NULL_BLOCK_ID = 0
 
@@ -77,7 +82,9 @@ class FreeKVCacheBlockQueue:
 
     Sentinel head and tail nodes make ``remove`` O(1) from anywhere, which a
     prefix hit on a freed block needs. A block is in the queue iff its
-    ``prev_free`` link is set.
+    ``prev_free`` link is set. ``num_hashed`` counts the queued blocks that
+    keep a prefix hash (revivable by a prefix hit); a block's hash only
+    changes while it is out of the queue, except in ``BlockPool.reset_prefix_cache``.
     """
 
     def __init__(self, blocks: Iterable[KVCacheBlock]) -> None:
@@ -86,6 +93,7 @@ class FreeKVCacheBlockQueue:
         self._head.next_free = self._tail
         self._tail.prev_free = self._head
         self._len = 0
+        self.num_hashed = 0
         for block in blocks:
             self.append(block)
 
@@ -112,6 +120,7 @@ class FreeKVCacheBlockQueue:
         block.next_free = self._tail
         self._tail.prev_free = block
         self._len += 1
+        self.num_hashed += block.block_hash is not None
 
     def remove(self, block: KVCacheBlock) -> None:
         prev, nxt = block.prev_free, block.next_free
@@ -120,6 +129,7 @@ class FreeKVCacheBlockQueue:
         nxt.prev_free = prev
         block.prev_free = block.next_free = None
         self._len -= 1
+        self.num_hashed -= block.block_hash is not None
 
     def popleft(self) -> KVCacheBlock:
         block = self._head.next_free
@@ -145,9 +155,25 @@ class BlockPool:
         self.null_block = self.blocks[NULL_BLOCK_ID]
         self.free_block_queue = FreeKVCacheBlockQueue(self.blocks[1:])
         self.cached_block_hash_to_block: dict[bytes, KVCacheBlock] = {}
+        # Mirrors for whole-pool views (jpaged.engine.engine_state): numpy
+        # reads them in microseconds where a walk over the blocks would not.
+        self.ref_counts = np.zeros(num_blocks, np.int32)
+        self.hashed = np.zeros(num_blocks, bool)
 
     def get_num_free_blocks(self) -> int:
         return len(self.free_block_queue)
+
+    def get_num_cached_free_blocks(self) -> int:
+        """Free blocks that keep their prefix hash: reused by a hit until evicted."""
+        return self.free_block_queue.num_hashed
+
+    def _mirror_refs(self, blocks: Sequence[KVCacheBlock]) -> None:
+        refs = self.ref_counts
+        if len(blocks) <= 8:  # the usual case (a block or two a step): item writes
+            for b in blocks:
+                refs[b.block_id] = b.ref_cnt
+        else:
+            refs[[b.block_id for b in blocks]] = [b.ref_cnt for b in blocks]
 
     @property
     def usage(self) -> float:
@@ -167,6 +193,7 @@ class BlockPool:
             self._evict_hash(block)
             block.ref_cnt = 1
             out.append(block)
+        self._mirror_refs(out)
         return out
 
     def _evict_hash(self, block: KVCacheBlock) -> None:
@@ -175,6 +202,7 @@ class BlockPool:
         assert self.cached_block_hash_to_block.get(block.block_hash) is block
         del self.cached_block_hash_to_block[block.block_hash]
         block.block_hash = None
+        self.hashed[block.block_id] = False
 
     def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
         """Adds one reference to each block, reviving free ones from the queue."""
@@ -185,6 +213,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_block_queue.remove(block)
             block.ref_cnt += 1
+        self._mirror_refs(blocks)
 
     def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Drops one reference per block; blocks reaching 0 go to the queue tail.
@@ -201,6 +230,7 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self.free_block_queue.append(block)
+        self._mirror_refs(blocks)
 
     def get_cached_block(self, block_hash: bytes) -> KVCacheBlock | None:
         if not self.enable_caching:
@@ -220,6 +250,7 @@ class BlockPool:
             return False
         self.cached_block_hash_to_block[block_hash] = block
         block.block_hash = block_hash
+        self.hashed[block.block_id] = True
         return True
 
     def reset_prefix_cache(self) -> bool:
@@ -229,4 +260,6 @@ class BlockPool:
         self.cached_block_hash_to_block.clear()
         for block in self.blocks:
             block.block_hash = None
+        self.hashed[:] = False
+        self.free_block_queue.num_hashed = 0
         return True

@@ -78,10 +78,19 @@ def cmd_generate(args) -> int:
                 ignore_eos=args.ignore_eos, logprobs=args.logprobs, seed=args.sampling_seed)
     items = _read_prompts(args)
     params = [SamplingParams(**{**base, **over}) for _, over in items]
+    recorder = None
+    if args.plot:
+        from jpaged.cli.plot import StepRecorder, require_matplotlib
+
+        require_matplotlib()  # before the model loads, not after the run
+        recorder = StepRecorder()
     llm = LLM(**vars(engine_config_from_args(args)))
     engine = llm.llm_engine
+    if recorder is not None:
+        recorder(engine)  # the counters before the first step
     start = time.perf_counter()
-    outs = llm.generate([p for p, _ in items], params, use_tqdm=len(items) > 1)
+    outs = llm.generate([p for p, _ in items], params, use_tqdm=len(items) > 1,
+                        on_step=recorder)
     elapsed = time.perf_counter() - start
     if not multihost.is_leader():  # multi-host: process 0 writes the results
         return 0
@@ -99,6 +108,11 @@ def cmd_generate(args) -> int:
                       f"({c.finish_reason})")
     if sink:
         sink.close()
+    if recorder is not None:
+        from jpaged.cli.plot import plot_run
+
+        plot_run(recorder, args.plot, f"jpaged generate ({len(items)} prompts)")
+        print(f"KV usage and throughput plot: {args.plot}", file=sys.stderr)
     s = engine.get_stats()
     n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
     n_prompt = sum(len(o.prompt_token_ids) for o in outs)
@@ -148,6 +162,9 @@ def main(argv=None) -> int:
     gen.add_argument("--prompts-file", help="text lines, or JSONL with 'prompt' and sampling "
                      "fields")
     gen.add_argument("--output", help="write results as JSONL to this file")
+    gen.add_argument("--plot", metavar="FILE.png",
+                     help="draw KV cache usage and throughput over the run to this image "
+                     "(needs matplotlib: pip install 'jpaged[plot]')")
     add_engine_args(gen)
     add_sampling_args(gen)
     chat = sub.add_parser("chat", help="chat with a model in the terminal (stdin lines)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from jpaged.config.engine import EngineConfig
 from jpaged.engine.llm_engine import LLMEngine
@@ -36,9 +36,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        on_step: Callable[[LLMEngine], None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for a prompt or a list of prompts (strings, token-id lists,
-        or dicts with ``prompt``/``prompt_token_ids``)."""
+        or dicts with ``prompt``/``prompt_token_ids``). ``on_step(engine)``, if
+        given, is called after every engine step (e.g. to record counters)."""
         if isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -65,7 +67,7 @@ class LLM:
         except Exception:
             engine.abort_request(ids)
             raise
-        return self._run(ids, use_tqdm)
+        return self._run(ids, use_tqdm, on_step)
 
     def beam_search(self, prompts, params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
@@ -106,7 +108,7 @@ class LLM:
             add_special_tokens=False).input_ids} for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, ids: list[str], use_tqdm: bool, on_step=None) -> list[RequestOutput]:
         engine = self.llm_engine
         done: dict[str, RequestOutput] = {}
         bar = None
@@ -117,7 +119,10 @@ class LLM:
         start, out_tokens = time.perf_counter(), 0
         try:
             while engine.has_unfinished_requests():
-                for out in engine.step():
+                outs = engine.step()
+                if on_step is not None:
+                    on_step(engine)
+                for out in outs:
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:

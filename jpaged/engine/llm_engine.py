@@ -66,6 +66,10 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_compiles: int
+    # Wall time in step() and, of it, waiting for the device's tokens.
+    num_steps: int = 0
+    step_time_s: float = 0.0
+    device_wait_s: float = 0.0
 
 
 def enable_compilation_cache() -> None:
@@ -191,6 +195,7 @@ class LLMEngine:
         self.peak_kv_usage = 0.0
         self.peak_num_running = 0
         self.peak_slot_utilization = (0.0, 0)  # (share of allocated slots in use, busiest step)
+        self.num_steps, self.step_time_s, self.device_wait_s = 0, 0.0, 0.0
 
     # ------------------------------------------------------------- set-up
     def _eos_ids(self) -> set[int]:
@@ -374,6 +379,14 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.num_steps += 1
+            self.step_time_s += time.perf_counter() - start
+
+    def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         self._step_out = out
         if self.faults is not None:
@@ -400,7 +413,9 @@ class LLMEngine:
 
     def _process(self, handle) -> list[RequestOutput]:
         """Read a dispatched step's tokens and turn them into outputs."""
+        wait = time.perf_counter()
         tokens, lp, rank, top_ids, top_lps, soff, beam_ids, beam_lps = handle.results()
+        self.device_wait_s += time.perf_counter() - wait
         out = handle.out
         # Teach the step-time model. Steps overlap (the next is dispatched
         # before this one's results are read) but run one after the other:
@@ -476,5 +491,6 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens_total,
             generation_tokens=self.generation_tokens_total,
-            num_compiles=self.runner.num_compiles)
+            num_compiles=self.runner.num_compiles, num_steps=self.num_steps,
+            step_time_s=self.step_time_s, device_wait_s=self.device_wait_s)
 

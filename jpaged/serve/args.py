@@ -74,6 +74,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest request head (request line and headers) accepted")
     g.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    g.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the live dashboard at /dashboard (and its data at "
+                   "/v1/engine/state), behind the same authentication")
     g.add_argument("--grpc-port", type=int, default=None,
                    help="also serve the gRPC API (jpaged.v1.Generation) on this port")
     a = p.add_argument_group("authentication")

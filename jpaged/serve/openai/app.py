@@ -47,6 +47,7 @@ from jpaged.serve.device_metrics import DeviceCollector
 from jpaged.serve.http import uvicorn_config
 from jpaged.serve.logsafe import get_logger
 from jpaged.serve.metrics import ServerMetrics
+from jpaged.serve.openai import routes_dashboard as dashboard
 from jpaged.serve.openai import routes_misc as misc
 from jpaged.serve.openai.errors import APIError, error_response, param_of
 from jpaged.serve.openai.routes_chat import chat_completions
@@ -120,6 +121,8 @@ def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = N
         Route("/v1/chat/completions", _wrap(chat_completions), methods=["POST"]),
         WebSocketRoute("/v1/stream", stream_ws),
     ]
+    if cfg.dashboard:  # GET /dashboard and /v1/engine/state
+        routes += dashboard.routes(llm)
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
                                                        Exception: _server_error})
     app.state.jpaged = state
@@ -130,6 +133,8 @@ def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = N
     keys = [k for k in cfg.api_keys if k]
     state.auth = cfg.auth if cfg.auth is not None else (APIKeyAuth(keys) if keys else None)
     outer = AuthMiddleware(DrainMiddleware(app, state), state.auth, public)
+    if cfg.dashboard:  # a browser sends the key as HTTP Basic credentials
+        outer = dashboard.BrowserAuth(outer)
     outer.state = state  # for run_server and tests
     # The engine and the libraries are loaded by now and live as long as the
     # process: freezing them keeps the garbage collector's full passes (which

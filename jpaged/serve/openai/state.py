@@ -60,6 +60,7 @@ class ServeConfig:
     # An authenticator (`jpaged.serve.auth_plugins`); None: API keys, if any.
     auth: object | None = None
     grpc_port: int | None = None
+    dashboard: bool = True  # GET /dashboard and /v1/engine/state
 
 
 def serve_config_from_args(args) -> ServeConfig:
@@ -86,7 +87,8 @@ def serve_config_from_args(args) -> ServeConfig:
                        request_body_timeout=args.request_timeout,
                        tokenizer_workers=args.tokenizer_workers,
                        auth=authenticator_from_args(args, keys),
-                       grpc_port=getattr(args, "grpc_port", None))
+                       grpc_port=getattr(args, "grpc_port", None),
+                       dashboard=getattr(args, "dashboard", True))
 
 
 class ServerState:
