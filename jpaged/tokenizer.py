@@ -19,12 +19,38 @@ from __future__ import annotations
 import os
 
 
+def _gguf_tokenizer_cache(path: str) -> str | None:
+    """Where the tokenizer converted from a GGUF file is kept (keyed by the
+    file's path, size and mtime), or None when caching is off
+    (``JPAGED_COMPILE_CACHE=0`` turns off every jpaged cache)."""
+    import hashlib
+
+    if os.environ.get("JPAGED_COMPILE_CACHE") == "0":
+        return None
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "jpaged", "tokenizers", key.hexdigest()[:24])
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     if path.endswith(".gguf") and os.path.isfile(path):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                             gguf_file=os.path.basename(path))
+        # Converting the GGUF vocabulary takes seconds; a saved copy loads at once.
+        cache = _gguf_tokenizer_cache(path)
+        if cache is not None and os.path.isfile(os.path.join(cache, "tokenizer.json")):
+            return AutoTokenizer.from_pretrained(cache)
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                            gguf_file=os.path.basename(path))
+        if cache is not None:
+            try:
+                tmp = f"{cache}.tmp{os.getpid()}"
+                tok.save_pretrained(tmp)
+                os.replace(tmp, cache)
+            except OSError:  # a read-only home or a concurrent writer: no cache
+                pass
+        return tok
     if not os.path.isdir(path):
         raise ValueError(f"tokenizer={path!r} is not a local directory or .gguf file")
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
