@@ -31,7 +31,9 @@ every device samples the same tokens.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -133,6 +135,7 @@ class ModelRunner:
                         for _ in range(model_cfg.num_hidden_layers)] if cfg.num_host_blocks else []
         self.buckets = token_buckets(cfg.max_num_batched_tokens)
         self.num_compiles = 0
+        self._compiled: dict = {}  # (layout, decode_only) -> the executable warm-up built
         self._last: tuple | None = None  # (buf, layout, decode_only) of the last step
         # Explicit shardings in and out: donated buffers keep their layout, and
         # an output's layout never changes the next call's compile key.
@@ -192,9 +195,12 @@ class ModelRunner:
     def _run(self, buf, layout: StepLayout, decode_only: bool):
         if isinstance(buf, np.ndarray):
             buf = self._put(buf)
+        args = (self.params, self.kv_caches, self.block_table, self.token_table,
+                self.last_tokens, buf)
+        compiled = self._compiled.get((layout, decode_only))
         (self.kv_caches, self.block_table, self.token_table, self.last_tokens,
-         res) = self._step(self.params, self.kv_caches, self.block_table, self.token_table,
-                           self.last_tokens, buf, layout, decode_only)
+         res) = compiled(*args) if compiled is not None else self._step(*args, layout,
+                                                                        decode_only)
         return res
 
     def _gather_impl(self, kv, ids):  # swap out: [n] block ids -> per layer [n, ...]
@@ -241,13 +247,29 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Compile every bucket now (and the swap and token-row helpers), so
-        that serving never compiles."""
-        for t, decode_only in self._variants():
-            start = time.perf_counter()
+        that serving never compiles.
+
+        Each bucket is traced here (tracing holds the GIL) and compiled by a
+        pool of threads, one per CPU core: XLA compiles one program on one
+        core and releases the GIL while it does, so the next bucket's tracing
+        and the other compiles overlap it."""
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            jobs = []
+            for t, decode_only in self._variants():
+                layout = self._empty_layout(t)
+                lowered = self._step.lower(
+                    self.params, self.kv_caches, self.block_table, self.token_table,
+                    self.last_tokens, self._put(self._empty_buf(layout)), layout, decode_only)
+                jobs.append((t, layout, decode_only, pool.submit(lowered.compile)))
+            for t, layout, decode_only, job in jobs:
+                self._compiled[(layout, decode_only)] = job.result()
+                logger.info("warm-up: bucket of %d tokens%s compiled (%.2fs since start)", t,
+                            " (decode-only)" if decode_only else "",
+                            time.perf_counter() - start)
+        for t, decode_only in self._variants():  # each compiled step runs once
             layout = self._empty_layout(t)
             jax.block_until_ready(self._run(self._empty_buf(layout), layout, decode_only))
-            logger.info("warm-up: bucket of %d tokens%s ready in %.2fs", t,
-                        " (decode-only)" if decode_only else "", time.perf_counter() - start)
         self.token_table = self._set_token_row(
             self.token_table, self._put(np.int32(0)),
             self._put(np.zeros(self.cfg.max_model_len, np.int32)))
