@@ -125,8 +125,8 @@ def test_kv_budget_holds_twice_the_tokens(llama_dir):
     assert fp8.kv.num_blocks - 1 == 2 * (bf16.kv.num_blocks - 1)
 
 
-# Measured on the tiny llama (random weights, f32): 232 of 240 greedy tokens
-# (96.7%) equal the f32 cache's. Random weights give flat logits, so a
+# Measured on the tiny llama (random weights, f32): 222 of 240 greedy tokens
+# (92.5%) equal the f32 cache's. Random weights give flat logits, so a
 # quantization error flips near-ties and the sequence diverges after it.
 AGREEMENT_FLOOR = 0.8
 

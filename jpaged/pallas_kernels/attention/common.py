@@ -53,6 +53,9 @@ def masked_load(ref, indices, mask, other=0):
   interpreter gathers them before masking); the GPU never touches them.
   """
   idx = tuple(jnp.broadcast_to(i, mask.shape) for i in indices)
+  if jnp.dtype(ref.dtype) == FP8_KV:
+    # The Triton lowering cannot cast an integer fill to fp8: give a float one.
+    other = float(other)
   return plgpu.load(ref.at[idx], mask=mask, other=other)
 
 
