@@ -191,3 +191,20 @@ def test_cli_flag():
         == "fp8"
     with pytest.raises(SystemExit):
         p.parse_args(["--kv-cache-dtype", "int8"])
+
+
+def test_write_kv_stores_quantized_with_layer_scales():
+    from jpaged.layers.attention import AttentionMetadata, write_kv
+
+    rng = np.random.default_rng(4)
+    k, v = (jnp.asarray(rng.standard_normal((3, 2, 16)), jnp.float32) for _ in range(2))
+    cache = jnp.zeros((4, 8, 2, 16), FP8)
+    md = AttentionMetadata(slot_mapping=jnp.array([9, 10, 99], jnp.int32), block_tables=None,
+                           context_lens=None, query_start_loc=None,
+                           kv_scales=((1.0, 1.0), SCALES)).for_layer(1)
+    kc, vc = write_kv(cache, cache, k, v, md.slot_mapping, md.kv_scale)
+    assert kc.dtype == vc.dtype == FP8
+    np.testing.assert_array_equal(np.asarray(kc[1, 1:3], np.float32),
+                                  np.asarray(quantize(k[:2], SCALES[0]), np.float32))
+    np.testing.assert_array_equal(np.asarray(vc[1, 1:3], np.float32),
+                                  np.asarray(quantize(v[:2], SCALES[1]), np.float32))
