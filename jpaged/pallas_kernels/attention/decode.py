@@ -134,8 +134,8 @@ def _decode_kernel(
 
 
 def _decode_call(q, k_cache, v_cache, block_tables, context_lens, *, scale,
-                 soft_cap, sliding_window, k_scale, v_scale, pages_per_block, num_splits,
-                 num_warps, num_stages, interpret):
+                 soft_cap, sliding_window, pages_per_block, num_splits,
+                 num_warps, num_stages, interpret, k_scale=1.0, v_scale=1.0):
   num_seqs, num_heads, head_dim = q.shape
   num_blocks, block_size, num_kv_heads, _ = k_cache.shape
   max_blocks = block_tables.shape[1]

@@ -171,8 +171,8 @@ def work_items(query_start_loc: jax.Array, block_q: int, num_items: int):
 
 
 def _ragged_call(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                 *, scale, soft_cap, sliding_window, k_scale, v_scale, block_q, pages_per_block,
-                 num_warps, num_stages, interpret):
+                 *, scale, soft_cap, sliding_window, block_q, pages_per_block,
+                 num_warps, num_stages, interpret, k_scale=1.0, v_scale=1.0):
   num_tokens, num_heads, head_dim = q.shape
   num_blocks, block_size, num_kv_heads, _ = k_cache.shape
   num_seqs, max_blocks = block_tables.shape
@@ -182,7 +182,8 @@ def _ragged_call(q, k_cache, v_cache, block_tables, context_lens, query_start_lo
   work_seq, work_qblk = work_items(query_start_loc, block_q, num_items)
 
   kernel = functools.partial(
-      _ragged_kernel, scale=scale, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale,
+      _ragged_kernel, scale=scale, soft_cap=soft_cap, k_scale=k_scale,
+      v_scale=v_scale,
       sliding_window=sliding_window, group=group, group_pad=group_pad,
       block_q=block_q, pages_per_block=pages_per_block)
 
@@ -227,7 +228,8 @@ def default_ragged_params(num_heads: int, num_kv_heads: int, head_dim: int,
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "soft_cap", "sliding_window", "k_scale", "v_scale", "block_q",
+    static_argnames=("scale", "soft_cap", "sliding_window", "k_scale", "v_scale",
+                     "block_q",
                      "pages_per_compute_block", "num_warps", "num_stages",
                      "interpret"))
 def ragged_paged_attention(
@@ -302,5 +304,6 @@ def ragged_paged_attention(
   return _ragged_call(
       q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
       scale=float(scale), soft_cap=soft_cap, sliding_window=sliding_window,
-      k_scale=float(k_scale), v_scale=float(v_scale), block_q=bq, pages_per_block=pages, num_warps=warps,
+      k_scale=float(k_scale), v_scale=float(v_scale), block_q=bq, pages_per_block=pages,
+      num_warps=warps,
       num_stages=num_stages, interpret=interpret)
