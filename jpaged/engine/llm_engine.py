@@ -254,9 +254,10 @@ class LLMEngine:
         if request_id in self.output.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs={params.logprobs} is over max_logprobs="
-                             f"{self.config.max_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"{name}={k} is over max_logprobs={self.config.max_logprobs}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority={priority!r} must be an integer")
         params = params.clone()
@@ -413,6 +414,9 @@ class LLMEngine:
                 for j in range(a, b):
                     results[(sr.request.group_id, sr.request.sample_index + j - a)] = (
                         float(lp[j]), int(rank[j]), top_ids[j, :k], top_lps[j, :k])
+        if handle.built is not None and handle.built.plp_spans:
+            self.output.record_prompt_logprobs(out.scheduled, handle.built.plp_spans,
+                                               handle.prompt_logprobs())
         sched = self.scheduler
         updated = sched.update_from_output(handle.out, samples, beams)
         self.generation_tokens_total += len(updated) + len(beams)

@@ -51,6 +51,7 @@ from jpaged.runner.buckets import bucket_for, token_buckets
 from jpaged.runner.input_batch import MAX_BANNED, BuiltStep, InputBatch
 from jpaged.runner.step_inputs import StepLayout
 from jpaged.sample.beam_search import MAX_BEAM_CANDIDATES
+from jpaged.sample.prompt_logprobs import score_prompt
 from jpaged.sample.sampler import beam_candidates, sample
 from jpaged.sched.output import SchedulerOutput
 
@@ -97,6 +98,11 @@ class RunnerConfig:
 class StepHandle:
     """A dispatched step: its sampled tokens are on their way to the host."""
 
+    def prompt_logprobs(self):
+        """``(target logprob [T], rank [T], top ids [T, K], top logprobs [T,
+        K])`` of a step with prompt logprobs (`jpaged.sample.prompt_logprobs`)."""
+        return tuple(np.asarray(a) for a in self._arrays[7:])
+
     def __init__(self, out: SchedulerOutput, built: BuiltStep | None, arrays):
         self.out, self.built, self._arrays = out, built, arrays
         for a in arrays:
@@ -107,7 +113,7 @@ class StepHandle:
         beam_ids, beam_logprobs)``: numpy arrays over sample rows (blocks until
         the step is done); the last two are beam rows' best next tokens."""
         tokens, lp, rank, top_ids, top_lps, beam_ids, beam_lps = (
-            np.asarray(a) for a in self._arrays)
+            np.asarray(a) for a in self._arrays[:7])
         return (tokens, lp, rank, top_ids, top_lps, self.built.sample_offsets, beam_ids,
                 beam_lps)
 
@@ -194,6 +200,10 @@ class ModelRunner:
                                    min(MAX_BEAM_CANDIDATES, logits.shape[-1]),
                                    self.cfg.logits_processors, inp.processors)
         last_tokens = last_tokens.at[inp.sampling.token_rows].set(results[0], mode="drop")
+        if layout.prompt_logprobs:  # every token's logits, scored against the prompt
+            all_logits = jax.lax.with_sharding_constraint(model.compute_logits(hidden),
+                                                          self._rep)
+            results += score_prompt(all_logits, inp.plp_targets, max(1, self.cfg.max_logprobs))
         return kv_caches, block_table, token_table, last_tokens, results
 
     def _run(self, buf, layout: StepLayout, decode_only: bool):
