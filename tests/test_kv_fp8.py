@@ -167,6 +167,7 @@ def test_scales_from_checkpoint(llama_dir, tmp_path):
     tensors["model.layers.1.self_attn.v_scale"] = np.array(0.5, np.float32)
     save_file(tensors, path)
     assert load_kv_scales(d, 2) == ((1.0, 1.0), (0.125, 0.5))
+    assert load_kv_scales(str(tmp_path / "model.gguf"), 2) == ((1.0, 1.0),) * 2  # a file
     engine = LLM(d, kv_cache_dtype="fp8", compile_all_buckets=False, **SMALL).llm_engine
     assert engine.runner.cfg.kv_scales == ((1.0, 1.0), (0.125, 0.5))
     tensors["model.layers.0.self_attn.v_scale"] = np.array(-1.0, np.float32)
