@@ -1,12 +1,11 @@
 """The fp8 KV cache (``kv_cache_dtype="fp8_e4m3"``): quantization bounds,
-the Pallas kernels (interpreted) against the reference on the same fp8
+the Pallas kernels (interpreted; on a GPU also compiled) against the reference on the same fp8
 cache, the KV budget, the engine's greedy output against the float cache,
 block accounting under prefix caching and preemption, scales from a
 checkpoint, and bad values."""
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_gpu_or_skip
 from test_engine import SMALL, assert_all_blocks_free, make_prompts, run_greedy
 from test_kernels import make_case
 
@@ -23,7 +23,9 @@ from jpaged.layers.kv_quant import FP8, FP8_MAX, dequantize, load_kv_scales, qua
 from jpaged.pallas_kernels.attention.decode import paged_decode_attention
 from jpaged.pallas_kernels.attention.ragged import ragged_paged_attention
 from jpaged.pallas_kernels.attention.reference import (
-    paged_decode_attention_reference, ragged_paged_attention_reference)
+    paged_decode_attention_reference,
+    ragged_paged_attention_reference,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -53,8 +55,14 @@ def _fp8(case, ks, vs):
     return quantize(case["k"], ks), quantize(case["v"], vs)
 
 
+DEVICES = pytest.mark.parametrize("interpret", [True, False], ids=["interpret", "gpu"])
+
+
+@DEVICES
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
-def test_decode_kernel_fp8_equals_reference(dtype, rtol):
+def test_decode_kernel_fp8_equals_reference(dtype, rtol, interpret):
+    if not interpret:
+        require_gpu_or_skip("fp8 Triton kernels")
     ctx = [1, 37, 0, 16, 70]
     case = make_case(3, [(1 if c else 0, c) for c in ctx], pad_tokens=0)
     k8, v8 = _fp8(case, *SCALES)
@@ -63,7 +71,8 @@ def test_decode_kernel_fp8_equals_reference(dtype, rtol):
     kw = dict(scale=q.shape[-1] ** -0.5, k_scale=SCALES[0], v_scale=SCALES[1])
     ref = paged_decode_attention_reference(q, k8, v8, *args, **kw)
     for splits in (1, 3):
-        out = paged_decode_attention(q, k8, v8, *args, interpret=True, num_splits=splits, **kw)
+        out = paged_decode_attention(q, k8, v8, *args, interpret=interpret, num_splits=splits,
+                                     **kw)
         _close(out, ref, rtol)
         assert np.all(np.asarray(out)[np.array(ctx) == 0] == 0)
     # The scales matter: the reference without them is far off.
@@ -71,15 +80,18 @@ def test_decode_kernel_fp8_equals_reference(dtype, rtol):
                 ref) > 0.1
 
 
+@DEVICES
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
-def test_ragged_kernel_and_cpu_backend_fp8_equal_reference(dtype, rtol):
+def test_ragged_kernel_and_cpu_backend_fp8_equal_reference(dtype, rtol, interpret):
+    if not interpret:
+        require_gpu_or_skip("fp8 Triton kernels")
     case = make_case(5, [(7, 40), (1, 9), (0, 0), (20, 20)], pad_tokens=3)
     k8, v8 = _fp8(case, *SCALES)
     q = case["q"].astype(dtype)
     args = (case["block_tables"], case["context_lens"], case["query_start_loc"])
     kw = dict(scale=q.shape[-1] ** -0.5, k_scale=SCALES[0], v_scale=SCALES[1])
     ref = ragged_paged_attention_reference(q, k8, v8, *args, **kw)
-    _close(ragged_paged_attention(q, k8, v8, *args, interpret=True, **kw), ref, rtol)
+    _close(ragged_paged_attention(q, k8, v8, *args, interpret=interpret, **kw), ref, rtol)
     _close(cpu_paged_attention(q, k8, v8, *args, **kw), ref, rtol)
     # fp8 against the float cache it came from: within the quantization error.
     full = ragged_paged_attention_reference(q, case["k"], case["v"], *args,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from jpaged.outputs import Logprob
 
 
