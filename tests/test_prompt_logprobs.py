@@ -99,3 +99,25 @@ def test_delta_outputs_carry_prompt_logprobs_once(llama_dir, long_prompt):
     while engine.has_unfinished_requests():
         seen += [o.prompt_logprobs for o in engine.step()]
     assert len(seen) == 3 and len(seen[0]) == 40 and seen[1] is None and seen[2] is None
+
+
+def test_scoring_in_token_chunks_equals_one_pass(monkeypatch):
+    """`score_prompt` cuts long steps into chunks (padding the last): the same
+    figures as one pass, and as a plain log-softmax."""
+    import jax
+    import jax.numpy as jnp
+
+    from jpaged.sample import prompt_logprobs as m
+
+    h = jax.random.normal(jax.random.key(0), (600, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 50))
+    tg = jnp.asarray(np.random.default_rng(0).integers(-1, 50, 600), jnp.int32)
+    monkeypatch.setattr(m, "SCORE_CHUNK", 256)
+    chunked = m.score_prompt(lambda x: x @ w, h, tg, 5)
+    lsm = np.asarray(jax.nn.log_softmax(h @ w, axis=-1))
+    np.testing.assert_allclose(np.asarray(chunked[0]), lsm[np.arange(600), np.maximum(tg, 0)],
+                               rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(m, "SCORE_CHUNK", 1024)
+    whole = m.score_prompt(lambda x: x @ w, h, tg, 5)
+    for a, b in zip(chunked, whole):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

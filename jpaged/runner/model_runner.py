@@ -201,9 +201,9 @@ class ModelRunner:
                                    self.cfg.logits_processors, inp.processors)
         last_tokens = last_tokens.at[inp.sampling.token_rows].set(results[0], mode="drop")
         if layout.prompt_logprobs:  # every token's logits, scored against the prompt
-            all_logits = jax.lax.with_sharding_constraint(model.compute_logits(hidden),
-                                                          self._rep)
-            results += score_prompt(all_logits, inp.plp_targets, max(1, self.cfg.max_logprobs))
+            results += score_prompt(
+                lambda h: jax.lax.with_sharding_constraint(model.compute_logits(h), self._rep),
+                hidden, inp.plp_targets, max(1, self.cfg.max_logprobs))
         return kv_caches, block_table, token_table, last_tokens, results
 
     def _run(self, buf, layout: StepLayout, decode_only: bool):

@@ -19,14 +19,31 @@ import jax.numpy as jnp
 from jpaged.outputs import Logprob
 
 
-def score_prompt(logits: jax.Array, targets: jax.Array, k: int):
-    """``logits [T, V]`` f32 and ``targets [T]`` (-1: none) -> ``(target
-    logprob [T], rank [T], top ids [T, k], top logprobs [T, k])``."""
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    tgt = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
-    rank = jnp.sum(lp > tgt[:, None], axis=-1).astype(jnp.int32) + 1
-    vals, ids = jax.lax.top_k(lp, k)
-    return tgt, rank, ids.astype(jnp.int32), vals
+# Tokens scored at once: the [chunk, V] logits of one chunk are live at a
+# time, so a 2048-token step over a 128k vocabulary never holds [T, V] (1 GiB
+# of f32) beyond what the KV budget's profiled step left free.
+SCORE_CHUNK = 256
+
+
+def score_prompt(logits_fn, hidden: jax.Array, targets: jax.Array, k: int):
+    """``hidden [T, D]`` -> logits by ``logits_fn`` (f32), scored against
+    ``targets [T]`` (-1: none), ``SCORE_CHUNK`` tokens at a time. Returns
+    ``(target logprob [T], rank [T], top ids [T, k], top logprobs [T, k])``."""
+    t = hidden.shape[0]
+    c = min(SCORE_CHUNK, t)
+    pad = -t % c
+    h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, c, hidden.shape[1])
+    tg = jnp.pad(targets, (0, pad), constant_values=-1).reshape(-1, c)
+
+    def one(args):
+        lp = jax.nn.log_softmax(logits_fn(args[0]), axis=-1)
+        tgt = jnp.take_along_axis(lp, jnp.maximum(args[1], 0)[:, None], axis=-1)[:, 0]
+        rank = jnp.sum(lp > tgt[:, None], axis=-1).astype(jnp.int32) + 1
+        vals, ids = jax.lax.top_k(lp, k)
+        return tgt, rank, ids.astype(jnp.int32), vals
+
+    outs = jax.lax.map(one, (h, tg))
+    return tuple(o.reshape((-1,) + o.shape[2:])[:t] for o in outs)
 
 
 def position_entries(arrays, span, prompt_ids, k: int, decode) -> list[tuple[int, dict]]:
