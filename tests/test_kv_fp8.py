@@ -221,3 +221,18 @@ def test_write_kv_stores_quantized_with_layer_scales():
                                   np.asarray(quantize(k[:2], SCALES[0]), np.float32))
     np.testing.assert_array_equal(np.asarray(vc[1, 1:3], np.float32),
                                   np.asarray(quantize(v[:2], SCALES[1]), np.float32))
+
+
+@pytest.mark.slow
+def test_engine_pallas_interpreted_fp8_equals_reference_fp8(llama_dir):
+    """The engine's Pallas path (decode and ragged kernels, interpreted) on an
+    fp8 cache gives the reference backend's greedy tokens on the same cache."""
+    prompts = make_prompts(seed=2, lens=(1, 9, 20))
+    cfg = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, block_size=8,
+               kv_cache_dtype="fp8")
+    pallas = LLM(llama_dir, attention_backend="pallas", **cfg)
+    assert pallas.llm_engine.runner.kv_caches[0][0].dtype == FP8
+    got = run_greedy(pallas, prompts, max_tokens=6)
+    assert got == run_greedy(LLM(llama_dir, attention_backend="reference", **cfg), prompts,
+                             max_tokens=6)
+    assert_all_blocks_free(pallas)
