@@ -156,11 +156,15 @@ def test_engine_greedy_fp8_against_float_cache(llama_dir):
     assert_all_blocks_free(llm)
 
 
-def test_prefix_caching_and_preemption_free_every_block(llama_dir):
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_prefix_caching_and_preemption_free_every_block(llama_dir, mode):
     rng = np.random.default_rng(2)
     shared = [int(x) for x in rng.integers(3, 900, 40)]
     prompts = [shared + p for p in make_prompts(seed=3)]
-    llm = LLM(llama_dir, kv_cache_dtype="fp8", block_size=16, num_kv_blocks=14, **SMALL)
+    llm = LLM(llama_dir, kv_cache_dtype="fp8", block_size=16, num_kv_blocks=14,
+              preemption_mode=mode, swap_space=0.01, **SMALL)
+    if mode == "swap":  # host blocks in the cache's dtype
+        assert llm.llm_engine.runner.host_kv[0][0].dtype == FP8
     outs = run_greedy(llm, prompts, max_tokens=16)
     assert all(len(o) == 16 for o in outs)
     stats = llm.llm_engine.get_stats()
