@@ -99,3 +99,20 @@ def test_prompt_logprobs_field(server, ref):
     plain = post(server, "/v1/chat/completions", dict(
         messages=[{"role": "user", "content": PROMPT}], max_tokens=2))
     assert plain.get("prompt_logprobs") is None
+
+
+def test_prompt_logprobs_work_limit(server):
+    """Prompt logprobs count against max_request_work like generated ones."""
+    st = server.app.state  # the ServerState
+    old = st.cfg.max_request_work
+    try:
+        st.cfg.max_request_work = 50  # 31 prompt tokens x (2 + 2) = 124 entries
+        for path, body in (("/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 2,
+                                                "max_tokens": 0}),
+                           ("/v1/chat/completions", {"messages": [
+                               {"role": "user", "content": PROMPT}], "prompt_logprobs": 2,
+                               "max_tokens": 1})):
+            r = httpx.post(server.url + path, json={"model": MODEL_NAME, **body}, headers=H)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+    finally:
+        st.cfg.max_request_work = old

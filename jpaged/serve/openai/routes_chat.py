@@ -12,7 +12,7 @@ from starlette.responses import Response
 from jpaged.serve.openai import protocol as P
 from jpaged.serve.openai.encode import chat_logprobs_json, encode, prompt_logprobs_json
 from jpaged.serve.openai.errors import APIError
-from jpaged.serve.openai.routes_completions import stream_opts
+from jpaged.serve.openai.routes_completions import check_prompt_work, stream_opts
 from jpaged.serve.openai.state import ServerState
 from jpaged.serve.openai.streams import (Generation, SSEResponse, collect_final,
                                          guarded_stream, sse)
@@ -40,6 +40,7 @@ async def chat_completions(request: Request):
         raise APIError(400, f"prompt has {len(ids)} tokens, no room under "
                        f"max_model_len={st.max_model_len}", "messages")
     st.check_fanout(1, req.n, max_tokens, logprobs, [len(ids)])
+    check_prompt_work(st, [len(ids)], 1, req.prompt_logprobs)
     params = P.make_sampling_params(req, st.vocab_size, max_tokens, logprobs,
                                     st.cfg.default_deadline_ms, req.prompt_logprobs)
     gen = Generation(st, request, f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.priority,

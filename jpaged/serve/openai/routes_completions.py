@@ -33,6 +33,18 @@ def stream_opts(req) -> tuple[bool, bool]:
     return bool(so and so.include_usage), bool(so and so.continuous_usage_stats)
 
 
+def check_prompt_work(st: ServerState, prompt_lens, copies: int, k: int | None) -> None:
+    """Prompt logprobs build a response entry per prompt token (times ``copies``
+    choices that repeat it): a 400 past max_request_work, as for generated ones."""
+    if k is None:
+        return
+    work = sum(prompt_lens) * copies * (k + 2)
+    if work > st.cfg.max_request_work:
+        raise APIError(400, f"prompt tokens x copies x (prompt logprobs + 2) = {work} is over "
+                       f"max_request_work={st.cfg.max_request_work}; lower the logprobs or "
+                       "send less text", "prompt_logprobs")
+
+
 async def completions(request: Request):
     st: ServerState = request.app.state.jpaged
     req = await st.read(request, P.CompletionRequest)
@@ -68,6 +80,8 @@ async def completions(request: Request):
         else:
             prompts.append(st.check_ids(list(p)))
             texts.append(None)
+    check_prompt_work(st, map(len, prompts), req.n if echo_lps else 1,
+                      plp_k if plp_k >= 0 else None)
     params = P.make_sampling_params(req, st.vocab_size, max_tokens, req.logprobs,
                                     st.cfg.default_deadline_ms, plp_k if plp_k >= 0 else None)
     gen = Generation(st, request, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.priority,
