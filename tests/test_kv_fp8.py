@@ -240,3 +240,14 @@ def test_engine_pallas_interpreted_fp8_equals_reference_fp8(llama_dir):
     assert got == run_greedy(LLM(llama_dir, attention_backend="reference", **cfg), prompts,
                              max_tokens=6)
     assert_all_blocks_free(pallas)
+
+
+def test_tensor_parallel_fp8_cache_equals_one_device(mistral_dir):
+    """Split by KV heads over 2 and 4 devices (4: one copy of a KV head per
+    device), the fp8 cache gives one device's greedy tokens."""
+    prompts = make_prompts(seed=7, lens=(1, 20, 7))
+    cfg = dict(block_size=8, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64,
+               num_kv_blocks=32, kv_cache_dtype="fp8")
+    outs = {tp: run_greedy(LLM(mistral_dir, tensor_parallel_size=tp, **cfg), prompts,
+                           max_tokens=8) for tp in (1, 2, 4)}
+    assert outs[1] == outs[2] == outs[4]

@@ -16,6 +16,9 @@ sequences alike fill the GPU; a small jnp step merges the partial
 ``(m, l, out)`` with a log-sum-exp. With ``num_splits == 1`` the kernel writes
 the final output directly. Every load and store is masked explicitly (no
 reliance on edge-block masking, which JAX 0.11 lacks and 0.12 adds).
+An fp8 cache (``float8_e4m3fn``) is read as fp8 tiles, upcast to the
+query's dtype in registers; its ``k_scale`` folds into the score scale and
+``v_scale`` into the output's normalisation.
 
 Tested in ``tests/test_kernels.py`` (interpret mode on CPU against
 ``reference.paged_decode_attention_reference``, and on GPU) and

@@ -17,6 +17,9 @@ starting at the sliding window of its first. Padding tokens (after
 ``query_start_loc[S]``) belong to no work item: the output starts as zeros
 (an aliased zero buffer) and only real rows are stored, all with explicit
 masks.
+An fp8 cache (``float8_e4m3fn``) is read as fp8 tiles, upcast to the
+query's dtype in registers; its ``k_scale`` folds into the score scale and
+``v_scale`` into the output's normalisation.
 
 Tested in ``tests/test_kernels.py`` (interpret mode on CPU against
 ``reference.ragged_paged_attention_reference``, and on GPU) and
