@@ -58,6 +58,15 @@ def test_chunked_prompt_logprobs_equal_transformers(llama_dir, long_prompt):
     assert_all_blocks_free(llm)
 
 
+def test_tensor_parallel_prompt_logprobs(llama_dir, long_prompt):
+    """Under TP the logits are split by vocabulary, then gathered to score."""
+    prompt = long_prompt[:40]
+    llm = LLM(llama_dir, tensor_parallel_size=2, **{**SMALL, "max_num_batched_tokens": 16})
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=3),
+                       use_tqdm=False)[0]
+    check_against_hf(out.prompt_logprobs, prompt, hf_log_softmax(llama_dir, prompt), 3)
+
+
 def test_prefix_cache_is_bypassed_and_preemption(llama_dir, long_prompt):
     """A cached prompt is recomputed for its logprobs; requests without them
     still hit the cache; preemption leaves the entries whole."""
