@@ -53,7 +53,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
-    prompt_logprobs: None = None
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then per
+    # position {token_id: Logprob} of the prompt token and the top-k.
+    prompt_logprobs: list | None = None
     # Set when the request ended without being served: the `RequestRefused`
     # (cannot meet its deadline; AsyncLLM raises it to the caller).
     error: Exception | None = field(default=None)

@@ -45,6 +45,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    # Per prompt position after the first: the prompt token's logprob and rank
+    # and the top ``prompt_logprobs`` alternatives (RequestOutput.prompt_logprobs).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # What each RequestOutput carries (vLLM's RequestOutputKind): "cumulative"
     # (all so far), "delta" (only what is new) or "final_only" (one at the end).
@@ -123,6 +126,8 @@ class SamplingParams:
             bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
         if self.logprobs is not None and not 0 <= integer("logprobs"):
             bad("logprobs", "must be >= 0")
+        if self.prompt_logprobs is not None and not 0 <= integer("prompt_logprobs"):
+            bad("prompt_logprobs", "must be >= 0")
         for name in ("deadline_ms", "ttft_slo_ms"):
             if getattr(self, name) is not None and not number(name) > 0:
                 bad(name, "must be a positive number of milliseconds")

@@ -2,7 +2,8 @@
 
 For each mode (the GGUF file dequantized to float32 is the baseline; bf16;
 int8, int4 g128 and fp8 quantized from those float32 weights at load; the
-file's own Q4_1 blocks) it prints: weight bytes on the device, perplexity on
+file's own Q4_1 blocks; float32 weights with the fp8 e4m3 KV cache, scale
+1.0) it prints: weight bytes on the device, KV cache bytes per token, perplexity on
 a fixed English text at context lengths 512 and 2048 (non-overlapping
 windows, every token after the first of a window scored), the largest logit
 difference from the baseline over a fixed prompt set, and the share of greedy
@@ -11,7 +12,9 @@ position, through the engine). Activations run in float32 except in the bf16
 row, so the quantized rows show the weights' error alone.
 
 Log-likelihoods come from a plain full-sequence forward of the model's layers
-(dense causal attention, no KV cache), not from the engine.
+(dense causal attention, no KV cache), not from the engine; in the fp8 KV row
+K and V pass through the cache's fp8 round trip (`jpaged.layers.kv_quant`)
+before attention, as every cached token does in the engine.
 
     python3 scripts/bench_quant.py [--text FILE] [--modes fp32,int8,...]
 """
@@ -27,13 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jpaged.layers.kv_quant import dequantize, quantize
 from jpaged.model_loader import default_model_path, load_model, weight_bytes
 from jpaged.models.llama import apply_rope, rope_inv_freq
+from jpaged.runner.model_runner import kv_bytes_per_block
 
-# name -> (dtype, quantization)
-MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
-         "int8": ("float32", "int8"), "int4-g128": ("float32", "int4"),
-         "fp8": ("float32", "fp8"), "gguf-q4_1": ("float32", None)}
+# name -> (dtype, quantization, kv_cache_dtype)
+MODES = {"fp32": ("float32", "none", "auto"), "bf16": ("bfloat16", "none", "auto"),
+         "int8": ("float32", "int8", "auto"), "int4-g128": ("float32", "int4", "auto"),
+         "fp8": ("float32", "fp8", "auto"), "gguf-q4_1": ("float32", None, "auto"),
+         "fp8-kv": ("float32", "none", "fp8_e4m3")}
 LOGIT_PROMPTS = ["The capital of France is", "def fibonacci(n):",
                  "Water boils at a temperature of", "Once upon a time, in a small village,",
                  "The three primary colors are", "To make a cup of tea, first",
@@ -46,11 +52,11 @@ CHAT_PROMPTS = ([f"Tell me about {t}." for t in TOPICS]
 PAD = 32  # logit prompts are padded to this many tokens
 
 
-def make_forward(cfg, graphdef):
+def make_forward(cfg, graphdef, kv_fp8: bool = False):
     """Logits ``[T, V]`` for one sequence ``ids [T]``: the model's own layers,
     with dense causal attention in place of the paged one (the paged reference
     gathers K/V per query token, which a 2048-token window cannot afford on a
-    CPU)."""
+    CPU); ``kv_fp8`` rounds K and V through the fp8 cache's format."""
 
     @jax.jit
     def forward(params, ids):
@@ -66,6 +72,8 @@ def make_forward(cfg, graphdef):
             q = apply_rope(qkv[:, :nh * d].reshape(t, nh, d), pos, inv_freq)
             k = apply_rope(qkv[:, nh * d:(nh + nkv) * d].reshape(t, nkv, d), pos, inv_freq)
             v = qkv[:, (nh + nkv) * d:].reshape(t, nkv, d)
+            if kv_fp8:
+                k, v = (dequantize(quantize(a, 1.0), 1.0, a.dtype) for a in (k, v))
             q = q.reshape(t, nkv, nh // nkv, d).astype(jnp.float32)
             s = jnp.einsum("tkgd,skd->kgts", q, k.astype(jnp.float32)) * d ** -0.5
             p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
@@ -90,11 +98,11 @@ def perplexity(forward, params, ids: np.ndarray, ctx: int) -> float:
     return math.exp(nll / n)
 
 
-def greedy(path, dtype, quantization, tokenizer_prompts, max_tokens):
+def greedy(path, dtype, quantization, kv_dtype, tokenizer_prompts, max_tokens):
     from jpaged import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype=dtype, quantization=quantization, max_num_seqs=32,
-              max_model_len=512, compile_all_buckets=False)
+    llm = LLM(model=path, dtype=dtype, quantization=quantization, kv_cache_dtype=kv_dtype,
+              max_num_seqs=32, max_model_len=512, compile_all_buckets=False)
     outs = llm.chat([[{"role": "user", "content": p}] for p in tokenizer_prompts],
                     SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                     use_tqdm=False)
@@ -124,10 +132,11 @@ def main() -> None:
     args_line = f"modes {args.modes}"
     print(args_line)
     for mode in args.modes.split(","):
-        dtype, quant = MODES[mode]
+        dtype, quant, kv_dtype = MODES[mode]
         start = time.perf_counter()
         cfg, graphdef, params = load_model(path, dtype=dtype, quantization=quant)
-        forward = make_forward(cfg, graphdef)
+        forward = make_forward(cfg, graphdef, kv_dtype != "auto")
+        kv_token = kv_bytes_per_block(cfg, 1, "pallas", 1, kv_dtype)
         ppl = {c: perplexity(forward, params, text_ids, c) for c in (512, 2048)}
         print(f"{mode}: perplexity done in {time.perf_counter() - start:.0f}s", flush=True)
         # one padded length, one compile; causal attention leaves the real
@@ -136,18 +145,18 @@ def main() -> None:
                   for p in prompt_ids]
         nbytes = weight_bytes(params)
         del params
-        tokens = greedy(path, dtype, quant, CHAT_PROMPTS, args.greedy_tokens)
+        tokens = greedy(path, dtype, quant, kv_dtype, CHAT_PROMPTS, args.greedy_tokens)
         if base_logits is None:
             base_logits, base_tokens = logits, tokens
         diff = max(float(np.abs(a - b).max()) for a, b in zip(logits, base_logits))
         same = np.mean([x == y for a, b in zip(tokens, base_tokens) for x, y in zip(a, b)])
-        rows.append(f"| {mode} | {nbytes / 2**20:.1f} | {ppl[512]:.3f} | {ppl[2048]:.3f} | "
-                    f"{diff:.3f} | {same:.1%} |")
+        rows.append(f"| {mode} | {nbytes / 2**20:.1f} | {kv_token / 1024:.1f} | {ppl[512]:.3f} | "
+                    f"{ppl[2048]:.3f} | {diff:.3f} | {same:.1%} |")
         print(f"{mode}: done in {time.perf_counter() - start:.0f}s {rows[-1]}", flush=True)
 
-    print(f"\n| mode | weight MiB | ppl @512 | ppl @2048 | max logit diff | greedy = baseline "
-          f"({len(CHAT_PROMPTS)} x {args.greedy_tokens}) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n| mode | weight MiB | KV KiB/token | ppl @512 | ppl @2048 | max logit diff | "
+          f"greedy = baseline ({len(CHAT_PROMPTS)} x {args.greedy_tokens}) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

@@ -102,7 +102,9 @@ CASES = [
     (C, {"prompt": "x", "stop_token_ids": [-1]}, 400),
     (C, {"prompt": "x", "stop": [""]}, 400),
     (C, {"prompt": "x", "suffix": "y"}, 400),
-    (C, {"prompt": "x", "echo": True, "logprobs": 1}, 400),
+    (C, {"prompt": "x", "max_tokens": 0}, 400),  # max_tokens=0 needs echo
+    (C, {"prompt": "x", "echo": True, "logprobs": 1000}, 400),  # over max_logprobs
+    (C, {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400),
     (C, {"prompt": "x", "logit_bias": {"5": 101.0}}, 400),
     (C, {"prompt": "x", "logit_bias": {"abc": 1.0}}, 400),
     (C, {"prompt": "x", "allowed_token_ids": []}, 400),

@@ -22,6 +22,7 @@ QUANT_GROUP_SIZES = (32, 64, 128)
 SCHEDULING_POLICIES = ("fcfs", "priority", "slo")
 PREEMPTION_MODES = ("recompute", "swap")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def _opt(default, help: str, choices=None, cli: bool = True):
@@ -69,6 +70,10 @@ class EngineConfig:
     swap_space: float = _opt(4.0, "GiB of host memory for swap preemption")
     attention_backend: str = _opt("auto", "auto = pallas on GPUs, reference elsewhere",
                                   ATTENTION_BACKENDS)
+    kv_cache_dtype: str = _opt(
+        "auto", "KV cache dtype: auto = the model's; fp8_e4m3 (alias fp8) stores K/V as "
+        "float8 e4m3 with per-layer scales (the checkpoint's k_scale/v_scale, else 1.0), "
+        "twice the tokens of a bfloat16 cache", KV_CACHE_DTYPES)
     max_logprobs: int = _opt(20, "largest logprobs a request may ask for")
     tensor_parallel_size: int = _opt(
         1, "devices to split the model over (attention heads, MLP and vocabulary)")

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from jpaged.layers.attention import resolve_backend
+from jpaged.layers.kv_quant import load_kv_scales, resolve_kv_cache_dtype
 from jpaged.cache import KVCacheManager
 from jpaged.config.engine import ALLOWED_BLOCK_SIZES, EngineConfig
 from jpaged.config.model import ModelConfig
@@ -144,7 +145,10 @@ class LLMEngine:
         if max_tokens < config.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={max_tokens} must be at least "
                              f"max_num_seqs={config.max_num_seqs}")
-        per_block = kv_bytes_per_block(mc, config.block_size, backend, tp)  # per device
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype)
+        kv_scales = (load_kv_scales(config.model, mc.num_hidden_layers)
+                     if kv_dtype != "auto" else ())
+        per_block = kv_bytes_per_block(mc, config.block_size, backend, tp, kv_dtype)
         self.logits_processors = resolve_processors(config.logits_processors, mc.vocab_size)
         self._processors_by_name = {p.name: p for p in self.logits_processors}
 
@@ -154,7 +158,8 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
                 max_model_len=max_model_len, backend=backend,
                 max_logprobs=config.max_logprobs, num_host_blocks=num_host,
-                logits_processors=self.logits_processors)
+                logits_processors=self.logits_processors, kv_cache_dtype=kv_dtype,
+                kv_scales=kv_scales)
 
         num_blocks = self._num_blocks(
             per_block, lambda: ModelRunner(mc, graphdef, params, runner_config(2),
@@ -263,9 +268,10 @@ class LLMEngine:
         if request_id in self.output.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs={params.logprobs} is over max_logprobs="
-                             f"{self.config.max_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"{name}={k} is over max_logprobs={self.config.max_logprobs}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority={priority!r} must be an integer")
         params = params.clone()
@@ -440,6 +446,9 @@ class LLMEngine:
                 for j in range(a, b):
                     results[(sr.request.group_id, sr.request.sample_index + j - a)] = (
                         float(lp[j]), int(rank[j]), top_ids[j, :k], top_lps[j, :k])
+        if handle.built is not None and handle.built.plp_spans:
+            self.output.record_prompt_logprobs(out.scheduled, handle.built.plp_spans,
+                                               handle.prompt_logprobs())
         sched = self.scheduler
         updated = sched.update_from_output(handle.out, samples, beams)
         self.generation_tokens_total += len(updated) + len(beams)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from jpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jpaged.sample.prompt_logprobs import position_entries
 from jpaged.sampling_params import SamplingParams
 from jpaged.sched import Request, RequestStatus
 from jpaged.tokenizer import IncrementalDetokenizer
@@ -51,6 +52,10 @@ class RequestState:
     states: dict = field(default_factory=dict)  # sample index -> SampleState
     num_cached_tokens: int = 0
     hold: int = 0  # characters held back: the longest stop string minus one
+    # prompt_logprobs: one entry per prompt token (None first), filled as the
+    # prefill chunks' steps are read; sent once in delta outputs.
+    prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
 
 
 def check_token_stop(req: Request, max_model_len: int) -> bool:
@@ -93,6 +98,20 @@ class OutputProcessor:
 
     def pop(self, request_id: str) -> RequestState | None:
         return self.requests.pop(request_id, None)
+
+    def record_prompt_logprobs(self, scheduled, spans, arrays) -> None:
+        """Store one step's prompt logprobs (`jpaged.sample.prompt_logprobs`);
+        a position computed again after a preemption overwrites its entry."""
+        for span in spans:
+            req = scheduled[span[0]].request
+            state = self.requests.get(req.group_id)
+            if state is None:
+                continue
+            if state.prompt_logprobs is None:
+                state.prompt_logprobs = [None] * len(state.prompt_token_ids)
+            for idx, entry in position_entries(arrays, span, req.prompt_token_ids,
+                                               state.params.prompt_logprobs, self._decode_one):
+                state.prompt_logprobs[idx] = entry
 
     def process(self, updated: list[Request], results: dict) -> list[RequestOutput]:
         """Apply one step's new tokens. ``results[(group_id, sample_index)]`` is
@@ -233,7 +252,12 @@ class OutputProcessor:
                 cumulative_logprob=(st.cumulative_logprob if st is not None else 0.0)
                 if sp.logprobs is not None else None,
                 logprobs=logprobs, finish_reason=req.finish_reason, stop_reason=req.stop_reason))
+        plp = state.prompt_logprobs
+        if plp is not None and delta:
+            plp, state.prompt_logprobs_sent = (
+                None if state.prompt_logprobs_sent else plp), True
         return RequestOutput(
             request_id=state.request_id, prompt=state.prompt,
             prompt_token_ids=state.prompt_token_ids, outputs=outs, finished=finished,
-            num_cached_tokens=state.num_cached_tokens, metrics=state.metrics)
+            num_cached_tokens=state.num_cached_tokens, metrics=state.metrics,
+            prompt_logprobs=plp)

@@ -41,9 +41,13 @@ class _Pending:
         self.samples: dict[int, _Sample] = {}
         self.last: RequestOutput | None = None  # the newest delta, for its metadata
         self.finish_sent: set[int] = set()  # samples whose finish reason was read
+        # The engine sends prompt logprobs in one delta; kept until read.
+        self.prompt_logprobs: list | None = None
 
     def add(self, d: RequestOutput) -> None:
         self.last = d
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
         for o in d.outputs:
             s = self.samples.get(o.index)
             if s is None:
@@ -85,7 +89,8 @@ class _Pending:
                 stop_reason=s.stop_reason))
         last = self.last or RequestOutput(request_id=request_id, prompt=None,
                                           prompt_token_ids=[], outputs=[], finished=True)
-        return dataclasses.replace(last, outputs=outs, finished=last.finished or abort)
+        return dataclasses.replace(last, outputs=outs, finished=last.finished or abort,
+                                   prompt_logprobs=self.prompt_logprobs)
 
 
 class RequestStream:
@@ -146,6 +151,7 @@ class RequestStream:
             # The reader owns those lists now; keep only which samples exist.
             self._pending.samples = {i: _Sample(finish_reason=s.finish_reason)
                                      for i, s in self._pending.samples.items()}
+            self._pending.prompt_logprobs = None
         self._unread = False
         if out.finished:
             self.finished = True

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpaged.distributed.sharding import heads_spec, kv_cache_spec
 from jpaged.layers.attention_cpu import cpu_paged_attention
+from jpaged.layers.kv_quant import is_fp8, quantize
 
 BACKENDS = ("auto", "reference", "pallas")
 
@@ -64,6 +65,16 @@ class AttentionMetadata:
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
     # The tensor-parallel mesh (None: one device).
     mesh: Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
+    # fp8 KV cache (jpaged.layers.kv_quant): per layer (k_scale, v_scale), and
+    # the pair of the layer being run (`for_layer` picks it). Static floats.
+    kv_scales: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+    kv_scale: tuple = dataclasses.field(default=(1.0, 1.0), metadata=dict(static=True))
+
+    def for_layer(self, i: int) -> "AttentionMetadata":
+        """This metadata with layer ``i``'s KV scales (unchanged without scales)."""
+        if not self.kv_scales:
+            return self
+        return dataclasses.replace(self, kv_scale=tuple(self.kv_scales[i]))
 
 
 def write_kv(
@@ -72,8 +83,12 @@ def write_kv(
     k: jax.Array,  # [T, num_kv_heads, head_dim]
     v: jax.Array,  # [T, num_kv_heads, head_dim]
     slot_mapping: jax.Array,  # [T] int32
+    kv_scale: tuple = (1.0, 1.0),
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter new K/V into the cache; out-of-range slots are dropped."""
+    """Scatter new K/V into the cache; out-of-range slots are dropped. An fp8
+    cache stores ``x / scale``, saturated (`jpaged.layers.kv_quant`)."""
+    if is_fp8(k_cache.dtype):
+        k, v = quantize(k, kv_scale[0]), quantize(v, kv_scale[1])
     bs = k_cache.shape[1]
     # (block, offset) indices, not a flat view of the cache: a reshape of a
     # cache with one KV head per device (under TP) made XLA:CPU copy it.
@@ -123,11 +138,12 @@ def paged_attention(
 
 
 def _attend(q, k, v, kv_cache, md: AttentionMetadata, scale, sliding_window):
-    k_cache, v_cache = write_kv(*kv_cache, k, v, md.slot_mapping)
+    k_cache, v_cache = write_kv(*kv_cache, k, v, md.slot_mapping, md.kv_scale)
+    ks, vs = md.kv_scale
     if md.backend == "reference":
         out = cpu_paged_attention(
             q, k_cache, v_cache, md.block_tables, md.context_lens, md.query_start_loc,
-            scale=scale, sliding_window=sliding_window,
+            scale=scale, sliding_window=sliding_window, k_scale=ks, v_scale=vs,
             decode_chunk=reference_chunk_tokens(q.shape[0], k_cache.shape[1]))
     elif md.backend == "pallas":
         interpret = jax.default_backend() != "gpu"
@@ -138,14 +154,15 @@ def _attend(q, k, v, kv_cache, md: AttentionMetadata, scale, sliding_window):
             num_seqs = md.block_tables.shape[0]
             out = paged_decode_attention(
                 q[:num_seqs], k_cache, v_cache, md.block_tables, md.context_lens,
-                scale=scale, sliding_window=sliding_window, interpret=interpret)
+                scale=scale, sliding_window=sliding_window, k_scale=ks, v_scale=vs,
+                interpret=interpret)
             out = jnp.pad(out, ((0, q.shape[0] - num_seqs), (0, 0), (0, 0)))
         else:
             from jpaged.pallas_kernels.attention.ragged import ragged_paged_attention
             out = ragged_paged_attention(
                 q, k_cache, v_cache, md.block_tables, md.context_lens,
                 md.query_start_loc, scale=scale, sliding_window=sliding_window,
-                interpret=interpret)
+                k_scale=ks, v_scale=vs, interpret=interpret)
     else:
         raise ValueError(f"attention backend {md.backend!r} is not resolved; "
                          "call resolve_backend first")

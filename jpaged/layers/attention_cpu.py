@@ -17,12 +17,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jpaged.layers.kv_quant import dequantize
 from jpaged.pallas_kernels.attention.reference import (online_softmax_update,
                                                       ragged_paged_attention_chunked)
 
 
 def _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, *,
-                   scale, sliding_window, q_tile, chunk_tokens):
+                   scale, sliding_window, q_tile, chunk_tokens, k_scale=1.0, v_scale=1.0):
     """Attention of every sequence with more than one query token, a tile of
     ``q_tile`` of its tokens at a time (a loop with a run-time trip count:
     the step's real tiles only), each tile over the context chunks its
@@ -60,7 +61,7 @@ def _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_
             cols = jax.lax.dynamic_slice_in_dim(blocks, i * bpc, bpc)
             k = k_cache[cols].reshape(chunk, num_kv_heads, head_dim).transpose(1, 0, 2)
             v = v_cache[cols].reshape(chunk, num_kv_heads, head_dim).transpose(1, 0, 2)
-            s = jnp.einsum("krd,kcd->krc", qt, k.astype(jnp.float32))
+            s = jnp.einsum("krd,kcd->krc", qt, dequantize(k, k_scale))
             kv_pos = i * chunk + jnp.arange(chunk)
             mask = (kv_pos[None, :] <= row_pos[:, None]) & (kv_pos[None, :] < ctx) \
                 & row_ok[:, None]
@@ -68,7 +69,7 @@ def _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_
                 mask &= kv_pos[None, :] > row_pos[:, None] - sliding_window
             s = jnp.where(mask[None], s, -jnp.inf)
             return online_softmax_update(
-                m, l, acc, s, lambda p: jnp.einsum("krc,kcd->krd", p, v.astype(jnp.float32)))
+                m, l, acc, s, lambda p: jnp.einsum("krc,kcd->krd", p, dequantize(v, v_scale)))
 
         shape = (num_kv_heads, rows)
         init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
@@ -99,10 +100,13 @@ def cpu_paged_attention(
     decode_chunk: int = 64,
     q_tile: int = 32,
     chunk_tokens: int = 256,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> jax.Array:  # [T, num_heads, head_dim]
     """Sequences with one query token (decodes) in per-token chunks, the
     others (prefill chunks) in tiles; the reference's contract and results.
-    A step of decodes only skips the tiles altogether."""
+    A step of decodes only skips the tiles altogether. An fp8 cache is
+    dequantized on read with ``k_scale``/``v_scale``."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     q_len = query_start_loc[1:] - query_start_loc[:-1]
@@ -110,18 +114,20 @@ def cpu_paged_attention(
     def all_decode(q):
         return ragged_paged_attention_chunked(
             q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale=scale,
-            sliding_window=sliding_window, chunk_tokens=decode_chunk)
+            sliding_window=sliding_window, chunk_tokens=decode_chunk, k_scale=k_scale,
+            v_scale=v_scale)
 
     def mixed(q):
         return _mixed(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                       q_len, scale=scale, sliding_window=sliding_window,
-                      decode_chunk=decode_chunk, q_tile=q_tile, chunk_tokens=chunk_tokens)
+                      decode_chunk=decode_chunk, q_tile=q_tile, chunk_tokens=chunk_tokens,
+                      k_scale=k_scale, v_scale=v_scale)
 
     return jax.lax.cond(jnp.max(q_len) <= 1, all_decode, mixed, q)
 
 
 def _mixed(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, q_len, *, scale,
-           sliding_window, decode_chunk, q_tile, chunk_tokens):
+           sliding_window, decode_chunk, q_tile, chunk_tokens, k_scale, v_scale):
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     decode = q_len == 1
@@ -130,10 +136,11 @@ def _mixed(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, q_l
     dec = ragged_paged_attention_chunked(
         q[first], k_cache, v_cache, block_tables, jnp.where(decode, context_lens, 0),
         jnp.arange(num_seqs + 1, dtype=jnp.int32), scale=scale,
-        sliding_window=sliding_window, chunk_tokens=decode_chunk)
+        sliding_window=sliding_window, chunk_tokens=decode_chunk, k_scale=k_scale,
+        v_scale=v_scale)
     out = jnp.zeros((num_tokens + q_tile, num_heads, head_dim), q.dtype)
     out = _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
                          scale=scale, sliding_window=sliding_window, q_tile=q_tile,
-                         chunk_tokens=chunk_tokens)
+                         chunk_tokens=chunk_tokens, k_scale=k_scale, v_scale=v_scale)
     out = out.at[jnp.where(decode, first, num_tokens + q_tile)].set(dec, mode="drop")
     return out[:num_tokens]

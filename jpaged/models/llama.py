@@ -237,8 +237,8 @@ class LlamaForCausalLM(nnx.Module):
         x = self.model.embed_tokens(input_ids)
         inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a trace-time constant
         new_caches = []
-        for layer, kv in zip(self.model.layers, kv_caches):
-            x, kv = layer(x, positions, inv_freq, kv, md)
+        for i, (layer, kv) in enumerate(zip(self.model.layers, kv_caches)):
+            x, kv = layer(x, positions, inv_freq, kv, md.for_layer(i))
             new_caches.append(kv)
         return self.model.norm(x), new_caches
 

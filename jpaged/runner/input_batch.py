@@ -34,6 +34,25 @@ class BuiltStep:
     sample_offsets: np.ndarray  # [num_scheduled + 1] first sample row of each request
     block_table_full: bool  # too many block-table changes: upload the whole table
     penalty_rows: list[int]  # rows whose device token history must be re-sent
+    # Prompt logprobs: (scheduled index, first step token, first position, count)
+    # of each prompt span whose logprobs this step computes.
+    plp_spans: list = ()
+
+
+def prompt_logprob_spans(sched, qsl) -> list[tuple[int, int, int, int]]:
+    """``(scheduled index, first step token, first position, count)`` of the
+    prompt positions this step computes for requests with ``prompt_logprobs``;
+    position ``p`` scores prompt token ``p + 1``, so the last prompt position
+    has none."""
+    spans = []
+    for i, sr in enumerate(sched):
+        req = sr.request
+        if req.sampling_params.prompt_logprobs is None:
+            continue
+        cnt = min(sr.start + sr.num_new_tokens, req.num_prompt_tokens - 1) - sr.start
+        if cnt > 0:
+            spans.append((i, int(qsl[i]), sr.start, cnt))
+    return spans
 
 
 class InputBatch:
@@ -166,7 +185,8 @@ class InputBatch:
         t = bucket_fn(max(total, total_rows))
         s = min(t, self.max_num_seqs)
         assert total_rows <= s and n <= s
-        layout = StepLayout(t, s, t + s, s, MAX_BANNED, self.processors)
+        plp_spans = prompt_logprob_spans(sched, qsl)
+        layout = StepLayout(t, s, t + s, s, MAX_BANNED, self.processors, bool(plp_spans))
         buf = np.zeros(layout.size, np.int32)
         v = layout.views(buf)
         decode_only = pallas and bool((num_new == 1).all()) and total_rows == n
@@ -234,4 +254,9 @@ class InputBatch:
         for p, params, on in zip(self.processors, self.proc_params, self.proc_on):
             v[f"lp.{p.name}"][:total_rows] = params[r]
             v[f"lpon.{p.name}"][:total_rows] = on[r]
-        return BuiltStep(layout, buf, decode_only, soff, full, penalty_rows)
+        if plp_spans:
+            targets = v["plp_targets"]
+            targets[:] = -1
+            for i, a, pos, cnt in plp_spans:
+                targets[a:a + cnt] = sched[i].request.prompt_token_ids[pos + 1:pos + 1 + cnt]
+        return BuiltStep(layout, buf, decode_only, soff, full, penalty_rows, plp_spans)

@@ -48,32 +48,38 @@ from jpaged.distributed.mesh import make_mesh
 from jpaged.distributed.sharding import (
     kv_cache_heads, kv_cache_spec, logits_spec, param_shardings, replicated)
 from jpaged.layers.attention import AttentionMetadata
+from jpaged.layers.kv_quant import FP8, resolve_kv_cache_dtype
 from jpaged.runner.buckets import bucket_for, token_buckets
 from jpaged.runner.input_batch import MAX_BANNED, BuiltStep, InputBatch
 from jpaged.runner.step_inputs import StepLayout
 from jpaged.sample.beam_search import MAX_BEAM_CANDIDATES
+from jpaged.sample.prompt_logprobs import score_prompt
 from jpaged.sample.sampler import beam_candidates, sample
 from jpaged.sched.output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 
-def kv_cache_dtype(cfg: ModelConfig, backend: str):
-    """The KV cache's dtype: the model's, except bfloat16 on XLA:CPU, whose
+def kv_cache_dtype(cfg: ModelConfig, backend: str, kv_dtype: str = "auto"):
+    """The KV cache's dtype: float8 e4m3 for ``kv_dtype`` fp8_e4m3 (or its
+    alias fp8); else the model's, except bfloat16 on XLA:CPU, whose
     scatter into a bfloat16 buffer copies the whole buffer (measured: 75 ms a
     step for a 64 MiB cache, against 0.01 ms for float16 or float32), so
     there the cache is float32."""
+    if resolve_kv_cache_dtype(kv_dtype) == "fp8_e4m3":
+        return FP8
     if cfg.jnp_dtype == jnp.bfloat16 and backend == "reference" and (
             jax.default_backend() == "cpu"):
         return jnp.float32
     return cfg.jnp_dtype
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, backend: str, tp: int = 1) -> int:
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, backend: str, tp: int = 1,
+                       kv_dtype: str = "auto") -> int:
     """Bytes of one KV block on one device, with the cache split over ``tp``."""
     heads = kv_cache_heads(cfg.num_key_value_heads, tp) // tp
     return (2 * cfg.num_hidden_layers * block_size * heads * cfg.head_dim
-            * jnp.dtype(kv_cache_dtype(cfg, backend)).itemsize)
+            * jnp.dtype(kv_cache_dtype(cfg, backend, kv_dtype)).itemsize)
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,17 @@ class RunnerConfig:
     max_logprobs: int = 20
     num_host_blocks: int = 0
     logits_processors: tuple = ()  # jpaged.sample.logits_processors, checked
+    kv_cache_dtype: str = "auto"  # or fp8_e4m3 (jpaged.layers.kv_quant)
+    kv_scales: tuple = ()  # fp8: per layer (k_scale, v_scale); () means 1.0
 
 
 class StepHandle:
     """A dispatched step: its sampled tokens are on their way to the host."""
+
+    def prompt_logprobs(self):
+        """``(target logprob [T], rank [T], top ids [T, K], top logprobs [T,
+        K])`` of a step with prompt logprobs (`jpaged.sample.prompt_logprobs`)."""
+        return tuple(np.asarray(a) for a in self._arrays[7:])
 
     def __init__(self, out: SchedulerOutput, built: BuiltStep | None, arrays):
         self.out, self.built, self._arrays = out, built, arrays
@@ -102,7 +115,7 @@ class StepHandle:
         beam_ids, beam_logprobs)``: numpy arrays over sample rows (blocks until
         the step is done); the last two are beam rows' best next tokens."""
         tokens, lp, rank, top_ids, top_lps, beam_ids, beam_lps = (
-            np.asarray(a) for a in self._arrays)
+            np.asarray(a) for a in self._arrays[:7])
         return (tokens, lp, rank, top_ids, top_lps, self.built.sample_offsets, beam_ids,
                 beam_lps)
 
@@ -117,7 +130,7 @@ class ModelRunner:
         self._rep = rep = replicated(mesh)
         heads = kv_cache_heads(model_cfg.num_key_value_heads, mesh.size)
         shape = (cfg.num_blocks, cfg.block_size, heads, model_cfg.head_dim)
-        dt = kv_cache_dtype(model_cfg, cfg.backend)
+        dt = kv_cache_dtype(model_cfg, cfg.backend, cfg.kv_cache_dtype)
         kv_sh = NamedSharding(mesh, kv_cache_spec())
         self._kv_sh = [(kv_sh, kv_sh)] * model_cfg.num_hidden_layers
         # Allocated in place, shard by shard: no device holds the whole cache.
@@ -175,7 +188,7 @@ class ModelRunner:
             slot_mapping=inp.slot_mapping, block_tables=block_table[inp.seq_rows],
             context_lens=inp.context_lens, query_start_loc=inp.query_start_loc,
             backend=self.cfg.backend, decode_only=decode_only,
-            mesh=self.mesh if self.mesh.size > 1 else None)
+            mesh=self.mesh if self.mesh.size > 1 else None, kv_scales=self.cfg.kv_scales)
         model = nnx.merge(self.graphdef, params)
         hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md)
         logits = model.compute_logits(hidden[inp.logits_indices])  # [S, V]
@@ -190,6 +203,10 @@ class ModelRunner:
                                    min(MAX_BEAM_CANDIDATES, logits.shape[-1]),
                                    self.cfg.logits_processors, inp.processors)
         last_tokens = last_tokens.at[inp.sampling.token_rows].set(results[0], mode="drop")
+        if layout.prompt_logprobs:  # every token's logits, scored against the prompt
+            results += score_prompt(
+                lambda h: jax.lax.with_sharding_constraint(model.compute_logits(h), self._rep),
+                hidden, inp.plp_targets, max(1, self.cfg.max_logprobs))
         return kv_caches, block_table, token_table, last_tokens, results
 
     def _run(self, buf, layout: StepLayout, decode_only: bool):

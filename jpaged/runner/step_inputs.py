@@ -45,6 +45,9 @@ class StepInputs:
     sampling: SamplingMetadata
     # Per logits processor of the layout: (params [S, n] i32, active [S] bool).
     processors: tuple = ()
+    # Layouts with prompt logprobs: per token, the next prompt token (whose
+    # logprob that position's logits give), -1 where none is asked.
+    plp_targets: jax.Array | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class StepLayout:
     # Registered logits processors (jpaged.sample.logits_processors): each adds
     # S x num_params words of row parameters and S words of "enabled" flags.
     processors: tuple = ()
+    # Some request of the step asks for prompt logprobs: every token's logits
+    # are scored against ``plp_targets`` (a separate compiled variant).
+    prompt_logprobs: bool = False
 
     def fields(self) -> list[tuple[str, int]]:
         t, s, u, c, b = (self.num_tokens, self.num_seqs, self.num_updates, self.num_copies,
@@ -74,6 +80,7 @@ class StepLayout:
             ("flags", NUM_FLAGS),
             *[f for p in self.processors
               for f in ((f"lp.{p.name}", s * p.num_params), (f"lpon.{p.name}", s))],
+            *([("plp_targets", t)] if self.prompt_logprobs else []),
         ]
 
     @property
@@ -115,4 +122,4 @@ class StepLayout:
         procs = tuple((f[f"lp.{p.name}"].reshape(self.num_seqs, p.num_params),
                        f[f"lpon.{p.name}"] != 0) for p in self.processors)
         names = {fl.name for fl in dataclasses.fields(StepInputs)} - {"sampling", "processors"}
-        return StepInputs(sampling=smd, processors=procs, **{k: f[k] for k in names})
+        return StepInputs(sampling=smd, processors=procs, **{k: f[k] for k in names if k in f})

@@ -271,8 +271,13 @@ class Scheduler:
                     continue
                 num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             else:
-                hit_ids, num_cached = self.kv.get_computed_blocks(
-                    req.request_id, req.all_token_ids, req.cache_salt)
+                if req.sampling_params.prompt_logprobs is not None and \
+                        not req.num_output_tokens:
+                    # Cached positions would skip their prompt logprobs: recompute.
+                    hit_ids, num_cached = [], 0
+                else:
+                    hit_ids, num_cached = self.kv.get_computed_blocks(
+                        req.request_id, req.all_token_ids, req.cache_salt)
                 num_new = min(req.num_tokens - num_cached, budget)
                 block_ids = self.kv.allocate_slots_delta(
                     req.request_id, req.all_token_ids, num_cached, num_new, hit_ids,

@@ -10,6 +10,15 @@ from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# An fp8 KV cache (any query dtype above): the kernels load fp8 tiles and
+# upcast them to the query's dtype in registers.
+FP8_KV = jnp.dtype(jnp.float8_e4m3fn)
+
+
+def upcast_kv(x: jax.Array, dtype) -> jax.Array:
+  """A loaded K/V tile in the query's dtype (a no-op unless the cache is fp8;
+  every e4m3 value is exact in bf16, fp16 and f32)."""
+  return x if x.dtype == dtype else x.astype(dtype)
 
 
 def is_power_of_two(n: int) -> bool:
@@ -44,6 +53,9 @@ def masked_load(ref, indices, mask, other=0):
   interpreter gathers them before masking); the GPU never touches them.
   """
   idx = tuple(jnp.broadcast_to(i, mask.shape) for i in indices)
+  if jnp.dtype(ref.dtype) == FP8_KV:
+    # The Triton lowering cannot cast an integer fill to fp8: give a float one.
+    other = float(other)
   return plgpu.load(ref.at[idx], mask=mask, other=other)
 
 
@@ -123,9 +135,10 @@ def check_paged_args(q, k_cache, v_cache, block_tables, context_lens, *,
   if num_heads % num_kv_heads:
     raise ValueError(f"num_heads={num_heads} must be divisible by "
                      f"num_kv_heads={num_kv_heads} (q {q.shape}, k_cache {k_cache.shape})")
-  if not (q.dtype == k_cache.dtype == v_cache.dtype):
-    raise ValueError(f"q, k_cache and v_cache dtypes differ: {q.dtype}, "
-                     f"{k_cache.dtype}, {v_cache.dtype}")
+  if k_cache.dtype != v_cache.dtype or (
+      k_cache.dtype != q.dtype and jnp.dtype(k_cache.dtype) != FP8_KV):
+    raise ValueError(f"k_cache and v_cache must have q's dtype or float8_e4m3fn: q "
+                     f"{q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
   if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
     raise ValueError(f"dtype {q.dtype} not supported; use one of {SUPPORTED_DTYPES}")
   if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:

@@ -16,6 +16,9 @@ sequences alike fill the GPU; a small jnp step merges the partial
 ``(m, l, out)`` with a log-sum-exp. With ``num_splits == 1`` the kernel writes
 the final output directly. Every load and store is masked explicitly (no
 reliance on edge-block masking, which JAX 0.11 lacks and 0.12 adds).
+An fp8 cache (``float8_e4m3fn``) is read as fp8 tiles, upcast to the
+query's dtype in registers; its ``k_scale`` folds into the score scale and
+``v_scale`` into the output's normalisation.
 
 Tested in ``tests/test_kernels.py`` (interpret mode on CPU against
 ``reference.paged_decode_attention_reference``, and on GPU) and
@@ -50,6 +53,8 @@ def _decode_kernel(
     scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
+    k_scale: float,
+    v_scale: float,
     group: int,
     group_pad: int,
     pages_per_block: int,
@@ -109,8 +114,10 @@ def _decode_kernel(
     kv_mask = jnp.broadcast_to(kv_valid[:, None], (block_k, head_dim))
     k = common.masked_load(k_ref, kv_idx, kv_mask)  # [block_k, head_dim]
     v = common.masked_load(v_ref, kv_idx, kv_mask)
+    # fp8 cache: upcast here; the scales fold into the score scale and the output.
+    k, v = common.upcast_kv(k, q.dtype), common.upcast_kv(v, q.dtype)
 
-    s = common.qk(q, k) * scale  # [group_pad, block_k]
+    s = common.qk(q, k) * (scale * k_scale)  # [group_pad, block_k]
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
     s = jnp.where(kv_valid[None, :], s, -jnp.inf)
@@ -118,7 +125,7 @@ def _decode_kernel(
 
   acc, m, l = common.init_carry(group_pad, head_dim)
   acc, m, l, _ = lax.fori_loop(0, num_iters, body, (acc, m, l, load_ids(0)))
-  out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # [group_pad, head_dim]
+  out = acc * (v_scale / jnp.where(l == 0.0, 1.0, l))[:, None]  # [group_pad, head_dim]
 
   out_heads = jnp.where(row_valid, heads, num_heads)  # out of bounds: dropped
   common.masked_store(o_ref, (out_heads[:, None], dim[None, :]),
@@ -131,7 +138,7 @@ def _decode_kernel(
 
 def _decode_call(q, k_cache, v_cache, block_tables, context_lens, *, scale,
                  soft_cap, sliding_window, pages_per_block, num_splits,
-                 num_warps, num_stages, interpret):
+                 num_warps, num_stages, interpret, k_scale=1.0, v_scale=1.0):
   num_seqs, num_heads, head_dim = q.shape
   num_blocks, block_size, num_kv_heads, _ = k_cache.shape
   max_blocks = block_tables.shape[1]
@@ -140,7 +147,7 @@ def _decode_call(q, k_cache, v_cache, block_tables, context_lens, *, scale,
   split = num_splits > 1
 
   kernel = functools.partial(
-      _decode_kernel, scale=scale, soft_cap=soft_cap,
+      _decode_kernel, scale=scale, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale,
       sliding_window=sliding_window, group=group, group_pad=group_pad,
       pages_per_block=pages_per_block, num_splits=num_splits)
   kv_spec = pl.BlockSpec((num_blocks, block_size, None, head_dim),
@@ -218,7 +225,7 @@ def default_decode_params(num_seqs: int, num_kv_heads: int, block_size: int,
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "soft_cap", "sliding_window",
+    static_argnames=("scale", "soft_cap", "sliding_window", "k_scale", "v_scale",
                      "pages_per_compute_block", "num_splits", "num_warps",
                      "num_stages", "interpret"))
 def paged_decode_attention(
@@ -231,6 +238,8 @@ def paged_decode_attention(
     scale: float,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     pages_per_compute_block: int | None = None,
     num_splits: int | None = None,
     num_warps: int = 4,
@@ -250,6 +259,7 @@ def paged_decode_attention(
     scale: softmax scale applied to ``q . k``.
     soft_cap: optional logit soft-cap ``cap * tanh(s / cap)``.
     sliding_window: optional window; a query at ``p`` sees ``(p - w, p]``.
+    k_scale, v_scale: an fp8 cache's dequantization scales (stored x scale).
     pages_per_compute_block: pages per inner step (power of two); default
       from shapes, about 128 keys of bf16 x 128 (32 KiB tiles).
     num_splits: split-K programs per (sequence, KV head); default from
@@ -286,6 +296,7 @@ def paged_decode_attention(
     num_stages = common.default_num_stages(pages * block_size * q.shape[2] * q.dtype.itemsize)
   return _decode_call(
       q, k_cache, v_cache, block_tables, context_lens, scale=float(scale),
-      soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=pages,
+      soft_cap=soft_cap, sliding_window=sliding_window, k_scale=float(k_scale),
+      v_scale=float(v_scale), pages_per_block=pages,
       num_splits=splits, num_warps=num_warps, num_stages=num_stages,
       interpret=interpret)

@@ -17,6 +17,9 @@ starting at the sliding window of its first. Padding tokens (after
 ``query_start_loc[S]``) belong to no work item: the output starts as zeros
 (an aliased zero buffer) and only real rows are stored, all with explicit
 masks.
+An fp8 cache (``float8_e4m3fn``) is read as fp8 tiles, upcast to the
+query's dtype in registers; its ``k_scale`` folds into the score scale and
+``v_scale`` into the output's normalisation.
 
 Tested in ``tests/test_kernels.py`` (interpret mode on CPU against
 ``reference.ragged_paged_attention_reference``, and on GPU) and
@@ -51,6 +54,8 @@ def _ragged_kernel(
     scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
+    k_scale: float,
+    v_scale: float,
     group: int,
     group_pad: int,
     block_q: int,
@@ -120,8 +125,10 @@ def _ragged_kernel(
       kv_mask = jnp.broadcast_to(kv_valid[:, None], (block_k, head_dim))
       k = common.masked_load(k_ref, kv_idx, kv_mask)  # [block_k, head_dim]
       v = common.masked_load(v_ref, kv_idx, kv_mask)
+      # fp8 cache: upcast here; the scales fold into the score scale and the output.
+      k, v = common.upcast_kv(k, q.dtype), common.upcast_kv(v, q.dtype)
 
-      s = common.qk(q, k) * scale  # [rows, block_k]
+      s = common.qk(q, k) * (scale * k_scale)  # [rows, block_k]
       if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
       mask = (row_valid[:, None] & kv_valid[None, :]
@@ -134,7 +141,7 @@ def _ragged_kernel(
     acc, m, l = common.init_carry(rows, head_dim)
     acc, m, l, _ = lax.fori_loop(0, num_iters, body, (acc, m, l, load_ids(0)))
     del m
-    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # [rows, head_dim]
+    out = acc * (v_scale / jnp.where(l == 0.0, 1.0, l))[:, None]  # [rows, head_dim]
     out = out.reshape(block_q, group_pad, head_dim).astype(o_ref.dtype)
     common.masked_store(  # out-of-bounds indices on masked lanes: dropped
         o_ref,
@@ -168,7 +175,7 @@ def work_items(query_start_loc: jax.Array, block_q: int, num_items: int):
 
 def _ragged_call(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                  *, scale, soft_cap, sliding_window, block_q, pages_per_block,
-                 num_warps, num_stages, interpret):
+                 num_warps, num_stages, interpret, k_scale=1.0, v_scale=1.0):
   num_tokens, num_heads, head_dim = q.shape
   num_blocks, block_size, num_kv_heads, _ = k_cache.shape
   num_seqs, max_blocks = block_tables.shape
@@ -178,7 +185,8 @@ def _ragged_call(q, k_cache, v_cache, block_tables, context_lens, query_start_lo
   work_seq, work_qblk = work_items(query_start_loc, block_q, num_items)
 
   kernel = functools.partial(
-      _ragged_kernel, scale=scale, soft_cap=soft_cap,
+      _ragged_kernel, scale=scale, soft_cap=soft_cap, k_scale=k_scale,
+      v_scale=v_scale,
       sliding_window=sliding_window, group=group, group_pad=group_pad,
       block_q=block_q, pages_per_block=pages_per_block)
 
@@ -223,7 +231,8 @@ def default_ragged_params(num_heads: int, num_kv_heads: int, head_dim: int,
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "soft_cap", "sliding_window", "block_q",
+    static_argnames=("scale", "soft_cap", "sliding_window", "k_scale", "v_scale",
+                     "block_q",
                      "pages_per_compute_block", "num_warps", "num_stages",
                      "interpret"))
 def ragged_paged_attention(
@@ -237,6 +246,8 @@ def ragged_paged_attention(
     scale: float,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     block_q: int | None = None,
     pages_per_compute_block: int | None = None,
     num_warps: int | None = None,
@@ -257,6 +268,7 @@ def ragged_paged_attention(
     scale: softmax scale applied to ``q . k``.
     soft_cap: optional logit soft-cap ``cap * tanh(s / cap)``.
     sliding_window: optional window; a query at ``p`` sees ``(p - w, p]``.
+    k_scale, v_scale: an fp8 cache's dequantization scales (stored x scale).
     block_q: query tokens per program (power of two); default from shapes,
       about 128 rows (tokens x padded GQA group) for bf16 x 128.
     pages_per_compute_block: pages per inner step (power of two); default
@@ -295,5 +307,6 @@ def ragged_paged_attention(
   return _ragged_call(
       q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
       scale=float(scale), soft_cap=soft_cap, sliding_window=sliding_window,
-      block_q=bq, pages_per_block=pages, num_warps=warps,
+      k_scale=float(k_scale), v_scale=float(v_scale), block_q=bq, pages_per_block=pages,
+      num_warps=warps,
       num_stages=num_stages, interpret=interpret)

@@ -23,6 +23,12 @@ import jax
 import jax.numpy as jnp
 
 
+def _deq(x: jax.Array, scale: float) -> jax.Array:
+    """A gathered cache tile in float32, times its fp8 scale (1.0: just the cast)."""
+    x = x.astype(jnp.float32)
+    return x if scale == 1.0 else x * scale
+
+
 def token_seq_ids(query_start_loc: jax.Array, num_tokens: int) -> jax.Array:
     """Sequence index of each flattened token.
 
@@ -62,8 +68,11 @@ def ragged_paged_attention_reference(
     scale: float,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> jax.Array:  # [T, num_heads, head_dim]
-    """Attention of ragged query tokens over their sequences' paged KV."""
+    """Attention of ragged query tokens over their sequences' paged KV. The
+    cache may be fp8: blocks are upcast and multiplied by ``k_scale``/``v_scale``."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     max_blocks = block_tables.shape[1]
@@ -78,7 +87,7 @@ def ragged_paged_attention_reference(
     v = v_cache[blocks].reshape(num_tokens, max_len, num_kv_heads, head_dim)
 
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
-    s = jnp.einsum("tkgd,tlkd->tkgl", qg, k.astype(jnp.float32)) * scale
+    s = jnp.einsum("tkgd,tlkd->tkgl", qg, _deq(k, k_scale)) * scale
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     kv_pos = jnp.arange(max_len)[None, :]  # [1, L]
@@ -91,7 +100,7 @@ def ragged_paged_attention_reference(
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
-    out = jnp.einsum("tkgl,tlkd->tkgd", p, v.astype(jnp.float32))
+    out = jnp.einsum("tkgl,tlkd->tkgd", p, _deq(v, v_scale))
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
@@ -105,13 +114,16 @@ def paged_decode_attention_reference(
     scale: float,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> jax.Array:  # [S, num_heads, head_dim]
     """Decode attention: the ragged contract with one token per sequence."""
     # One token per row; padding rows (context 0) are fully masked -> zeros.
     query_start_loc = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
     return ragged_paged_attention_reference(
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-        scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+        scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, k_scale=k_scale,
+        v_scale=v_scale)
 
 
 def online_softmax_update(m, l, acc, s, pv):
@@ -139,6 +151,8 @@ def ragged_paged_attention_chunked(
     soft_cap: float | None = None,
     sliding_window: int | None = None,
     chunk_tokens: int = 64,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> jax.Array:  # [T, num_heads, head_dim]
     """The reference contract, computed the way a CPU can afford.
 
@@ -173,8 +187,8 @@ def ragged_paged_attention_chunked(
         # [T, chunk, kvh, D] -> [T, kvh, chunk, D]: batch dims leading for the dots.
         k = k_cache[cols].reshape(num_tokens, chunk, num_kv_heads, head_dim)
         v = v_cache[cols].reshape(num_tokens, chunk, num_kv_heads, head_dim)
-        k = jnp.swapaxes(k, 1, 2).astype(jnp.float32)
-        v = jnp.swapaxes(v, 1, 2).astype(jnp.float32)
+        k = _deq(jnp.swapaxes(k, 1, 2), k_scale)
+        v = _deq(jnp.swapaxes(v, 1, 2), v_scale)
         s = jnp.einsum("tkgd,tkcd->tkgc", qg, k)
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)

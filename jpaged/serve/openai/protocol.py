@@ -69,6 +69,8 @@ class _SamplingFields(_Request):
     # Service levels (jpaged): ms from arrival to finish, and to the first token.
     deadline_ms: Annotated[float, Field(gt=0, le=1e9)] | None = None
     ttft_slo_ms: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    # vLLM's extra field: the prompt's logprobs, returned as `prompt_logprobs`.
+    prompt_logprobs: Int32 | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -129,6 +131,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list | None = None  # filled by encode()
 
 
 class CompletionResponse(BaseModel):
@@ -174,6 +177,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: list | None = None  # spliced in as JSON by the route
 
 
 class DeltaMessage(BaseModel):
@@ -256,7 +260,8 @@ async def read_model(request, cls, max_bytes: int, timeout: float | None = None)
 
 
 def make_sampling_params(req, vocab_size: int, max_tokens, logprobs,
-                         default_deadline_ms: float | None = None) -> SamplingParams:
+                         default_deadline_ms: float | None = None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
     """`SamplingParams` from a completion or chat request; a 400 naming a bad field."""
     top_k = req.top_k if req.top_k is not None else 0
     if top_k >= vocab_size:
@@ -272,6 +277,7 @@ def make_sampling_params(req, vocab_size: int, max_tokens, logprobs,
             seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos, stop=req.stop, stop_token_ids=req.stop_token_ids,
             include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens, logit_bias=req.logit_bias or None,
             allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
             deadline_ms=req.deadline_ms if req.deadline_ms is not None else default_deadline_ms,

@@ -10,9 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from jpaged.serve.openai import protocol as P
-from jpaged.serve.openai.encode import chat_logprobs_json, encode
+from jpaged.serve.openai.encode import chat_logprobs_json, encode, prompt_logprobs_json
 from jpaged.serve.openai.errors import APIError
-from jpaged.serve.openai.routes_completions import stream_opts
+from jpaged.serve.openai.routes_completions import check_prompt_work, stream_opts
 from jpaged.serve.openai.state import ServerState
 from jpaged.serve.openai.streams import (Generation, SSEResponse, collect_final,
                                          guarded_stream, sse)
@@ -26,6 +26,9 @@ async def chat_completions(request: Request):
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if req.prompt_logprobs is not None and req.stream:
+        raise APIError(400, "prompt_logprobs is not available with stream=true",
+                       "prompt_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     st.check_fanout(1, req.n, max_tokens or 1, logprobs)
@@ -37,8 +40,9 @@ async def chat_completions(request: Request):
         raise APIError(400, f"prompt has {len(ids)} tokens, no room under "
                        f"max_model_len={st.max_model_len}", "messages")
     st.check_fanout(1, req.n, max_tokens, logprobs, [len(ids)])
+    check_prompt_work(st, [len(ids)], 1, req.prompt_logprobs)
     params = P.make_sampling_params(req, st.vocab_size, max_tokens, logprobs,
-                                    st.cfg.default_deadline_ms)
+                                    st.cfg.default_deadline_ms, req.prompt_logprobs)
     gen = Generation(st, request, f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.priority,
                      "delta" if req.stream else "final_only")
     await gen.submit_or_raise()
@@ -60,8 +64,13 @@ async def chat_completions(request: Request):
         n_out = sum(len(o.token_ids) for o in out.outputs)
         usage = P.UsageInfo(prompt_tokens=len(ids), completion_tokens=n_out,
                             total_tokens=len(ids) + n_out)
-        return encode(P.ChatCompletionResponse(
-            id=gen.base_id, model=model, choices=choices, usage=usage), lps).encode()
+        text = encode(P.ChatCompletionResponse(
+            id=gen.base_id, model=model, choices=choices, usage=usage), lps)
+        if req.prompt_logprobs is not None:  # vLLM's field, beside the choices
+            text = text.replace('"prompt_logprobs":null',
+                                '"prompt_logprobs":' + prompt_logprobs_json(out.prompt_logprobs),
+                                1)
+        return text.encode()
 
     return Response(await st.build(build), media_type="application/json")
 
