@@ -48,9 +48,11 @@ def _mbart_tokenizer():
 def make_tiny_encdec(path: str, arch: str = "bart", *, d_model: int = 64, layers: int = 2,
                      heads: int = 4, ffn_dim: int = 128, max_position_embeddings: int = 128,
                      scale_embedding: bool = False, tie_word_embeddings: bool = True,
-                     init_std: float = 0.1, seed: int = 0, forced_bos_token_id=None) -> str:
+                     init_std: float = 0.3, seed: int = 0, forced_bos_token_id=None,
+                     eos_bias: float = 0.0) -> str:
     """Write a random-weight BART (``arch="bart"``) or mBART-50 (``"mbart"``)
-    checkpoint with its tokenizer to ``path``; return ``path``."""
+    checkpoint with its tokenizer to ``path``; return ``path``. ``eos_bias``
+    is added to EOS's ``final_logits_bias`` (beam tests want beams that end)."""
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r} is not supported; choose one of {', '.join(ARCHS)}")
     import torch
@@ -79,5 +81,6 @@ def make_tiny_encdec(path: str, arch: str = "bart", *, d_model: int = 64, layers
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, 0.02)
+        model.final_logits_bias[0, tok.eos_token_id] += eos_bias
     model.save_pretrained(path)
     return path

@@ -152,6 +152,9 @@ class Stack(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, layer_cls, num_layers: int, rngs: nnx.Rngs):
         e, d, dt = cfg.encoder_decoder, cfg.hidden_size, cfg.jnp_dtype
+        # Untied checkpoints carry the encoder's and decoder's own token tables.
+        self.embed_tokens = (None if cfg.tie_word_embeddings else
+                             Embedding(cfg.vocab_size, d, dt, rngs))
         self.embed_positions = Embedding(e.max_positions + POSITION_OFFSET, d, dt, rngs)
         self.layernorm_embedding = LayerNorm(d, e.layer_norm_eps, dt)
         self.layers = nnx.List([layer_cls(cfg, rngs) for _ in range(num_layers)])
@@ -168,7 +171,8 @@ class Stack(nnx.Module):
 class BartModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e = cfg.encoder_decoder
-        self.shared = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.jnp_dtype, rngs)
+        self.shared = (Embedding(cfg.vocab_size, cfg.hidden_size, cfg.jnp_dtype, rngs)
+                       if cfg.tie_word_embeddings else None)
         self.encoder = Stack(cfg, EncoderLayer, e.encoder_layers, rngs)
         self.decoder = Stack(cfg, DecoderLayer, cfg.num_hidden_layers, rngs)
 
@@ -183,10 +187,11 @@ class BartForConditionalGeneration(nnx.Module):
                         Linear(cfg.hidden_size, cfg.vocab_size, False, cfg.jnp_dtype, rngs))
         self.final_logits_bias = nnx.Param(jnp.zeros((1, cfg.vocab_size), cfg.jnp_dtype))
 
-    def _embed_tokens(self, ids):
+    def _embed_tokens(self, stack: Stack, ids):
         e = self.config.encoder_decoder
         scale = math.sqrt(self.config.hidden_size) if e.scale_embedding else 1.0
-        return self.model.shared(ids) * jnp.asarray(scale, self.config.jnp_dtype)
+        table = self.model.shared if stack.embed_tokens is None else stack.embed_tokens
+        return table(ids) * jnp.asarray(scale, self.config.jnp_dtype)
 
     def __call__(self, input_ids, positions, kv_caches, md: AttentionMetadata,
                  encoder_lens: jax.Array):  # encoder_lens [S]: E of each sequence
@@ -198,12 +203,12 @@ class BartForConditionalGeneration(nnx.Module):
         enc_pad = (enc_len + bs - 1) // bs * bs
         is_enc = valid & (positions < enc_len)
         is_dec = valid & (positions >= enc_pad)
-        embeds = self._embed_tokens(input_ids)
 
         # Encoder, only in steps that carry encoder tokens; then every decoder
         # layer's cross K/V goes to the encoder tokens' slots.
         def encode(_):
-            x = self.model.encoder.embed(embeds, jnp.where(is_enc, positions, 0))
+            enc = self.model.encoder
+            x = enc.embed(self._embed_tokens(enc, input_ids), jnp.where(is_enc, positions, 0))
             mask = (is_enc[:, None] & is_enc[None, :] & (seq[:, None] == seq[None, :])) \
                 | jnp.eye(t, dtype=bool)
             for layer in self.model.encoder.layers:
@@ -214,7 +219,8 @@ class BartForConditionalGeneration(nnx.Module):
 
         def skip(_):
             shape = (t,) + kv_caches[0][0].shape[2:]
-            return [(jnp.zeros(shape, embeds.dtype),) * 2 for _ in self.model.decoder.layers]
+            return [(jnp.zeros(shape, self.config.jnp_dtype),) * 2
+                    for _ in self.model.decoder.layers]
 
         cross = jax.lax.cond(jnp.any(is_enc), encode, skip, None)
         enc_slots = jnp.where(is_enc, md.slot_mapping, nowhere)
@@ -237,7 +243,7 @@ class BartForConditionalGeneration(nnx.Module):
             query_start_loc=jnp.arange(t + 1, dtype=jnp.int32), decode_only=True)
 
         dec = self.model.decoder
-        x = dec.embed(embeds, jnp.where(is_dec, positions - enc_pad, 0))
+        x = dec.embed(self._embed_tokens(dec, input_ids), jnp.where(is_dec, positions - enc_pad, 0))
         new_caches = []
         for layer, kv in zip(dec.layers, kv_caches):
             x, kv = layer(x, kv, md_self, md_cross)

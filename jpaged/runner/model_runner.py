@@ -124,7 +124,8 @@ class ModelRunner:
                                  out_shardings=self._kv_sh)()
         r = cfg.max_num_seqs
         self.batch = InputBatch(r, cfg.max_model_len, self.max_blocks_per_seq, cfg.block_size,
-                                cfg.num_blocks, model_cfg.vocab_size, cfg.logits_processors)
+                                cfg.num_blocks, model_cfg.vocab_size, cfg.logits_processors,
+                                model_cfg.is_encoder_decoder)
         self.block_table = self._put(np.zeros((r, self.max_blocks_per_seq), np.int32))
         self.token_table = self._put(np.zeros((r, cfg.max_model_len), np.int32))
         self.last_tokens = self._put(np.zeros((r,), np.int32))
@@ -174,7 +175,9 @@ class ModelRunner:
             backend=self.cfg.backend, decode_only=decode_only,
             mesh=self.mesh if self.mesh.size > 1 else None)
         model = nnx.merge(self.graphdef, params)
-        hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md)
+        # Encoder-decoder models also take each sequence's encoder length.
+        extra = {} if inp.encoder_lens is None else {"encoder_lens": inp.encoder_lens}
+        hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md, **extra)
         logits = model.compute_logits(hidden[inp.logits_indices])  # [S, V]
         # Split by vocabulary under TP (so the lm_head never moves), then
         # gathered once, so sampling sees the whole vocabulary.
@@ -222,7 +225,8 @@ class ModelRunner:
 
     def _empty_layout(self, t: int) -> StepLayout:
         s = min(t, self.cfg.max_num_seqs)
-        return StepLayout(t, s, t + s, s, MAX_BANNED, self.cfg.logits_processors)
+        return StepLayout(t, s, t + s, s, MAX_BANNED, self.cfg.logits_processors,
+                          self.model_cfg.is_encoder_decoder)
 
     def _empty_buf(self, layout: StepLayout) -> np.ndarray:
         """A step that computes nothing: every token and update is padding."""

@@ -45,6 +45,8 @@ class StepInputs:
     sampling: SamplingMetadata
     # Per logits processor of the layout: (params [S, n] i32, active [S] bool).
     processors: tuple = ()
+    # Encoder-decoder models only: each sequence's encoder length [S] i32.
+    encoder_lens: jax.Array | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class StepLayout:
     # Registered logits processors (jpaged.sample.logits_processors): each adds
     # S x num_params words of row parameters and S words of "enabled" flags.
     processors: tuple = ()
+    encoder_decoder: bool = False  # adds encoder_lens (S words)
 
     def fields(self) -> list[tuple[str, int]]:
         t, s, u, c, b = (self.num_tokens, self.num_seqs, self.num_updates, self.num_copies,
@@ -74,6 +77,7 @@ class StepLayout:
             ("flags", NUM_FLAGS),
             *[f for p in self.processors
               for f in ((f"lp.{p.name}", s * p.num_params), (f"lpon.{p.name}", s))],
+            *([("encoder_lens", s)] if self.encoder_decoder else []),
         ]
 
     @property
@@ -115,4 +119,4 @@ class StepLayout:
         procs = tuple((f[f"lp.{p.name}"].reshape(self.num_seqs, p.num_params),
                        f[f"lpon.{p.name}"] != 0) for p in self.processors)
         names = {fl.name for fl in dataclasses.fields(StepInputs)} - {"sampling", "processors"}
-        return StepInputs(sampling=smd, processors=procs, **{k: f[k] for k in names})
+        return StepInputs(sampling=smd, processors=procs, **{k: f.get(k) for k in names})

@@ -1,0 +1,199 @@
+"""BART and mBART (encoder-decoder) against transformers on tiny random
+checkpoints: the paged forward's logits within 1e-4, greedy and 4-beam
+outputs equal to ``generate`` token for token (scores within 1e-4) in batches
+that mix encoder lengths, the encoder blocks shared by the beams of a group,
+preemption, and every block free afterwards."""
+
+import numpy as np
+import pytest
+
+from jpaged import LLM, SamplingParams
+
+MAX_TOKENS = 10
+# Encoder lengths 3 to 22: one, two and three blocks of 8, in one batch.
+ENCODER_PROMPTS = [[5, 6, 7, 8, 9], [40], list(range(50, 70)), [300, 301, 302], [11, 12, 13]]
+# EOS biases that make beams end at mixed lengths on these seeds.
+CHECKPOINTS = {"bart": dict(arch="bart", eos_bias=8.0),
+               "mbart": dict(arch="mbart", eos_bias=2.0),
+               "bart-untied-scaled": dict(arch="bart", tie_word_embeddings=False,
+                                          scale_embedding=True, eos_bias=8.0)}
+_DIRS, _HF = {}, {}
+
+
+def model_dir(tmp_path_factory, name):
+    from jpaged.tiny_encdec import make_tiny_encdec
+
+    if name not in _DIRS:
+        _DIRS[name] = make_tiny_encdec(str(tmp_path_factory.mktemp(name)), **CHECKPOINTS[name])
+    return _DIRS[name]
+
+
+def hf_model(path):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    if path not in _HF:
+        _HF[path] = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
+    return _HF[path]
+
+
+def encoder_ids(path, body):
+    """The tokenizer's special tokens around ``body`` (<s> ... </s>, or the
+    language code ... </s> for mBART-50)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    prefix = getattr(tok, "prefix_tokens", None) or [tok.bos_token_id]
+    return list(prefix) + body + [tok.eos_token_id]
+
+
+def hf_generate(path, enc, width, **kw):
+    import torch
+
+    with torch.no_grad():
+        r = hf_model(path).generate(
+            torch.tensor([enc]), attention_mask=torch.ones(1, len(enc), dtype=torch.long),
+            num_beams=width, num_return_sequences=width, do_sample=False,
+            max_new_tokens=MAX_TOKENS, return_dict_in_generate=True, output_scores=True, **kw)
+    if width == 1:
+        seq = r.sequences[0, 1:].tolist()  # after decoder_start_token_id
+        return [(seq, None)]
+    lens = (r.beam_indices != -1).sum(1).tolist()
+    return [(r.sequences[i, 1:1 + n].tolist(), float(r.sequences_scores[i]))
+            for i, n in enumerate(lens)]
+
+
+def assert_all_free(engine):
+    assert not engine.has_unfinished_requests()
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks - 1
+    assert not engine.kv.req_to_blocks
+
+
+@pytest.fixture(scope="module")
+def llms(tmp_path_factory):
+    cache = {}
+
+    def get(name, **kw):
+        key = (name, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = LLM(model_dir(tmp_path_factory, name), block_size=8, max_num_seqs=16,
+                             max_num_batched_tokens=64, max_model_len=256, **kw)
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_logits_equal_transformers(tmp_path_factory, name):
+    """One paged step over two sequences (encoder lengths 7 and 3, block
+    size 4, decoder prompts of 3 and 6 tokens), against the HF forward."""
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from jpaged.layers.attention import AttentionMetadata
+    from jpaged.model_loader.loader import load_model
+
+    path = model_dir(tmp_path_factory, name)
+    cfg, graphdef, params = load_model(path)
+    model = nnx.merge(graphdef, params)
+    bs, nb, maxb = 4, 32, 12
+    shape = (nb, bs, cfg.num_key_value_heads, cfg.head_dim)
+    caches = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
+    encs = [[0, 5, 6, 7, 8, 9, 2], [0, 40, 2]]
+    decs = [[2, 33, 44], [2, 7, 8, 9, 10, 11]]
+    ids, pos, slots, ctx, qsl, tables, nxt = [], [], [], [], [0], [], 1
+    for e, d in zip(encs, decs):
+        seq = e + [1] * (-len(e) % bs) + d
+        blocks = list(range(nxt, nxt + -(-len(seq) // bs)))
+        nxt += len(blocks)
+        ids += seq
+        pos += range(len(seq))
+        slots += [blocks[p // bs] * bs + p % bs for p in range(len(seq))]
+        ctx.append(len(seq))
+        qsl.append(qsl[-1] + len(seq))
+        tables.append(blocks + [0] * (maxb - len(blocks)))
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    md = AttentionMetadata(slot_mapping=i32(slots), block_tables=i32(tables),
+                           context_lens=i32(ctx), query_start_loc=i32(qsl))
+    hidden, _ = model(i32(ids), i32(pos), caches, md, encoder_lens=i32([len(e) for e in encs]))
+    logits = np.asarray(model.compute_logits(hidden))
+    for i, (e, d) in enumerate(zip(encs, decs)):
+        with torch.no_grad():
+            ref = hf_model(path)(input_ids=torch.tensor([e]),
+                                 decoder_input_ids=torch.tensor([d])).logits[0].numpy()
+        start = qsl[i] + len(e) + (-len(e) % bs)
+        np.testing.assert_allclose(logits[start:start + len(d)], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["bart", "mbart"])
+def test_greedy_equals_generate(llms, name):
+    llm = llms(name)
+    path = llm.llm_engine.config.model
+    encs = [encoder_ids(path, p) for p in ENCODER_PROMPTS]
+    outs = llm.generate([{"prompt_token_ids": e} for e in encs],
+                        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    stops = 0
+    for e, out in zip(encs, outs):
+        assert out.prompt_token_ids == [llm.llm_engine.model_config
+                                        .encoder_decoder.decoder_start_token_id]
+        assert list(out.outputs[0].token_ids) == hf_generate(path, e, 1)[0][0]
+        stops += out.outputs[0].finish_reason == "stop"
+    assert 0 < stops < len(encs), "greedy runs should both end on EOS and run to length"
+    assert_all_free(llm.llm_engine)
+
+
+@pytest.mark.parametrize("lp,es", [(1.0, False), (0.5, True), (2.0, "never")])
+@pytest.mark.parametrize("name", ["bart", "mbart"])
+def test_beam4_equals_generate(llms, name, lp, es):
+    llm = llms(name)
+    path = llm.llm_engine.config.model
+    encs = [encoder_ids(path, p) for p in ENCODER_PROMPTS]
+    sp = SamplingParams(num_beams=4, num_return_sequences=4, temperature=0.0,
+                        max_tokens=MAX_TOKENS, length_penalty=lp, early_stopping=es)
+    outs = llm.generate([{"prompt_token_ids": e} for e in encs], sp, use_tqdm=False)
+    stops = 0
+    for e, out in zip(encs, outs):
+        want = hf_generate(path, e, 4, length_penalty=lp, early_stopping=es)
+        got = [(list(c.token_ids), c.cumulative_logprob / len(c.token_ids) ** lp)
+               for c in out.outputs]
+        assert [t for t, _ in got] == [t for t, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
+        stops += sum(c.finish_reason == "stop" for c in out.outputs)
+    assert stops > 0, "no beam ended on EOS"
+    assert_all_free(llm.llm_engine)
+
+
+def test_beams_share_encoder_blocks(llms):
+    engine = llms("bart").llm_engine
+    enc = encoder_ids(engine.config.model, list(range(50, 70)))  # 22 tokens: 3 blocks
+    engine.add_request("enc", {"prompt_token_ids": enc},
+                       SamplingParams(num_beams=4, num_return_sequences=4, temperature=0.0,
+                                      max_tokens=MAX_TOKENS, ignore_eos=True))
+    shared = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        beams = [r for r in engine.scheduler.running if r.beam is not None]
+        if len(beams) == 4:
+            blocks = [engine.kv.req_to_blocks[b.request_id][:3] for b in beams]
+            assert all(x == blocks[0] for x in blocks)  # one copy of the encoder's K/V
+            shared = max(shared, min(b.ref_cnt for b in blocks[0]))
+    assert shared == 4
+    assert_all_free(engine)
+
+
+def test_beam_parity_under_preemption(llms):
+    """A cache too small for every group at once: groups are preempted
+    (recompute: the encoder runs again) and still equal transformers."""
+    llm = llms("mbart", num_kv_blocks=22, preemption_mode="recompute")
+    engine = llm.llm_engine
+    path = engine.config.model
+    encs = [encoder_ids(path, p) for p in ENCODER_PROMPTS]
+    sp = SamplingParams(num_beams=4, num_return_sequences=4, temperature=0.0,
+                        max_tokens=MAX_TOKENS)
+    outs = llm.generate([{"prompt_token_ids": e} for e in encs], sp, use_tqdm=False)
+    assert engine.scheduler.num_preemptions > 0
+    for e, out in zip(encs, outs):
+        want = hf_generate(path, e, 4)
+        assert [list(c.token_ids) for c in out.outputs] == [t for t, _ in want]
+    assert_all_free(engine)
