@@ -78,7 +78,7 @@ def llms(tmp_path_factory):
         key = (name, tuple(sorted(kw.items())))
         if key not in cache:
             cache[key] = LLM(model_dir(tmp_path_factory, name), block_size=8, max_num_seqs=16,
-                             max_num_batched_tokens=64, max_model_len=256, **kw)
+                             max_num_batched_tokens=32, max_model_len=256, **kw)
         return cache[key]
     return get
 
@@ -197,3 +197,59 @@ def test_beam_parity_under_preemption(llms):
         want = hf_generate(path, e, 4)
         assert [list(c.token_ids) for c in out.outputs] == [t for t, _ in want]
     assert_all_free(engine)
+
+
+def test_mbart50_language_codes(llms):
+    """src_lang leads the encoder ids, tgt_lang follows decoder_start in the
+    decoder prompt (mBART-50's forced BOS); the beams equal transformers fed
+    the same ids; an unknown code is a ValueError naming it."""
+    from transformers import AutoTokenizer
+
+    llm = llms("mbart")
+    path = llm.llm_engine.config.model
+    tok = AutoTokenizer.from_pretrained(path)
+    text = "The capital of France is Paris."
+    outs = llm.generate([{"prompt": text, "src_lang": "de_DE", "tgt_lang": "ro_RO"},
+                         {"encoder_prompt": text, "decoder_prompt": {"prompt_token_ids": [
+                             2, tok.convert_tokens_to_ids("ro_RO")]}}],
+                        SamplingParams(num_beams=4, num_return_sequences=4, temperature=0.0,
+                                       max_tokens=MAX_TOKENS), use_tqdm=False)
+    ro = tok.convert_tokens_to_ids("ro_RO")
+    assert outs[0].prompt_token_ids == [2, ro] == outs[1].prompt_token_ids
+    tok.src_lang = "de_DE"
+    enc = tok(text).input_ids
+    assert enc[0] == tok.convert_tokens_to_ids("de_DE") and enc[-1] == tok.eos_token_id
+    import torch
+
+    def hf_beams(enc):
+        with torch.no_grad():
+            r = hf_model(path).generate(
+                torch.tensor([enc]), decoder_input_ids=torch.tensor([[2, ro]]), num_beams=4,
+                num_return_sequences=4, do_sample=False, max_new_tokens=MAX_TOKENS)
+        return [[t for t in s[2:] if t != tok.pad_token_id] for s in r.tolist()]
+
+    assert [list(c.token_ids) for c in outs[0].outputs] == hf_beams(enc)
+    tok.src_lang = "en_XX"  # the default code leads the explicit encoder prompt
+    assert [list(c.token_ids) for c in outs[1].outputs] == hf_beams(tok(text).input_ids)
+    for bad in ({"prompt": text, "tgt_lang": "xx_YY"}, {"prompt": text, "src_lang": "qq"},
+                {"prompt": [5, 6], "src_lang": "de_DE"}, {"prompt": text, "lang": "de_DE"}):
+        with pytest.raises(ValueError, match="xx_YY|qq|src_lang|lang"):
+            llm.llm_engine.add_request("bad", bad, SamplingParams(max_tokens=2))
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_translate_example_runs_offline():
+    """examples/translate_beam.py as written: a tiny offline mBART-50, beam search."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, os.path.join(root, "examples", "translate_beam.py"),
+                        "--max-tokens", "6", "--tgt-lang", "de_DE", "Hello world.",
+                        "The cat sat."], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
+    assert lines[0] == "[en_XX] Hello world." and lines[2] == "[en_XX] The cat sat."
+    assert lines[1].startswith("[de_DE] ") and lines[3].startswith("[de_DE] ")
