@@ -34,6 +34,8 @@ def main(argv=None) -> list[str]:
     ap.add_argument("--tgt-lang", default="fr_XX", help="target language code")
     ap.add_argument("--num-beams", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=256,
+                    help="tokens per engine step; each sentence's encoder runs in one step")
     ap.add_argument("sentences", nargs="*", help=f"text to translate (default: "
                     f"{len(SENTENCES)} example sentences)")
     args = ap.parse_args(argv)
@@ -43,7 +45,8 @@ def main(argv=None) -> list[str]:
 
         model = make_tiny_encdec(os.path.join(tempfile.mkdtemp(), "tiny-mbart50"), "mbart",
                                  eos_bias=2.0)
-    llm = LLM(model=model, max_num_seqs=16, max_model_len=512)
+    llm = LLM(model=model, max_num_seqs=16,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     params = SamplingParams(num_beams=args.num_beams, temperature=0.0,
                             max_tokens=args.max_tokens, repetition_penalty=1.2,
                             reuse_kv_cache=True)

@@ -41,7 +41,8 @@ from jpaged.config.model import ModelConfig
 from jpaged.layers.attention import AttentionMetadata, paged_attention, write_kv
 from jpaged.layers.linear import dense
 from jpaged.models.llama import Embedding, Linear
-from jpaged.pallas_kernels.attention.reference import token_layout
+from jpaged.pallas_kernels.attention.reference import (ragged_paged_attention_chunked,
+                                                      token_layout)
 
 POSITION_OFFSET = 2  # BART's learned positions start at row 2
 _ACT = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -137,8 +138,17 @@ class DecoderLayer(nnx.Module):
             nonlocal kv
             c = self.encoder_attn
             q = c.split(c.q_proj(h))
-            none = jnp.zeros((h.shape[0],) + kv[0].shape[2:], h.dtype)  # nothing written
-            out, kv = paged_attention(q, none, none, kv, md_cross, scale=c.head_dim ** -0.5)
+            if md_cross.backend == "reference" and md_cross.mesh is None:
+                # One query per sequence: the decode form only (the backend
+                # would compile its prefill form too, for nothing).
+                out = ragged_paged_attention_chunked(
+                    q, *kv, md_cross.block_tables, md_cross.context_lens,
+                    md_cross.query_start_loc, scale=c.head_dim ** -0.5,
+                    chunk_tokens=max(64, kv[0].shape[1]))
+            else:
+                none = jnp.zeros((h.shape[0],) + kv[0].shape[2:], h.dtype)  # nothing written
+                out, kv = paged_attention(q, none, none, kv, md_cross,
+                                          scale=c.head_dim ** -0.5)
             return c.out_proj(out.reshape(h.shape[0], -1))
 
         x = _block(x, self.self_attn_layer_norm, self_attention, self.pre)
