@@ -253,3 +253,21 @@ def test_translate_example_runs_offline():
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
     assert lines[0] == "[en_XX] Hello world." and lines[2] == "[en_XX] The cat sat."
     assert lines[1].startswith("[de_DE] ") and lines[3].startswith("[de_DE] ")
+
+
+def test_no_prefix_cache_across_encoder_prompts(llms):
+    """Two encoder prompts that share their first block but not the rest: an
+    encoder block's cross K/V depends on the whole encoder prompt, so the
+    second request must not reuse the first's (prefix caching is off for
+    encoder-decoder models, whatever the engine flag says)."""
+    llm = llms("bart", enable_prefix_caching=True)
+    path = llm.llm_engine.config.model
+    head = list(range(20, 27))  # with <s>: one full block of 8
+    encs = [encoder_ids(path, head + [100, 101, 102]), encoder_ids(path, head + [200, 201])]
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    for e in encs:  # one after the other: the first's blocks are free (cached) then
+        out = llm.generate([{"prompt_token_ids": e}], sp, use_tqdm=False)[0]
+        want = hf_generate(path, e, 1, eos_token_id=0)[0][0]  # pad as EOS: never stops
+        assert list(out.outputs[0].token_ids) == want
+        assert out.num_cached_tokens == 0
+    assert_all_free(llm.llm_engine)
