@@ -107,6 +107,9 @@ class LLMEngine:
         if tp > 1:
             if not (config.model.endswith(".gguf") or load_format == "gguf"):
                 mc = ModelConfig.from_pretrained(config.model, config.dtype)
+                if mc.is_encoder_decoder:
+                    raise ValueError(f"{mc.architecture} runs on one device; use "
+                                     f"tensor_parallel_size=1, not {tp}")
                 check_split(mc, tp)  # the loader refuses GGUF under TP itself
             if load_format == "orbax":
                 raise ValueError("load_format='orbax' holds unsplit params; with "
