@@ -247,8 +247,8 @@ def test_translate_example_runs_offline():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, os.path.join(root, "examples", "translate_beam.py"),
-                        "--max-tokens", "6", "--max-num-batched-tokens", "32", "--tgt-lang", "de_DE", "Hello world.",
-                        "The cat sat."], capture_output=True, text=True, timeout=600, env=env)
+                        "--max-tokens", "6", "--max-num-batched-tokens", "32",
+                        "--tgt-lang", "de_DE", "Hello world.", "The cat sat."], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
     assert lines[0] == "[en_XX] Hello world." and lines[2] == "[en_XX] The cat sat."
@@ -271,3 +271,19 @@ def test_no_prefix_cache_across_encoder_prompts(llms):
         assert list(out.outputs[0].token_ids) == want
         assert out.num_cached_tokens == 0
     assert_all_free(llm.llm_engine)
+
+
+def test_encoder_decoder_limits_are_value_errors(llms):
+    """An encoder that cannot run in one step, or past the position table, and
+    a decoder past its positions are refused at add_request, naming the limit."""
+    engine = llms("bart").llm_engine
+    sp = SamplingParams(max_tokens=4)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=32"):
+        engine.add_request("long", list(range(3, 40)), sp)
+    with pytest.raises(ValueError, match="max_position_embeddings=128"):
+        engine.add_request("longer", list(range(3, 140)), sp)
+    with pytest.raises(ValueError, match="max_position_embeddings=128"):
+        engine.add_request("decoder", [5, 6], SamplingParams(max_tokens=128))
+    with pytest.raises(ValueError, match="decoder_prompt is empty"):
+        engine.add_request("empty", {"prompt": "x", "decoder_prompt": []}, sp)
+    assert not engine.has_unfinished_requests()

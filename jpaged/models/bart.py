@@ -253,7 +253,8 @@ class BartForConditionalGeneration(nnx.Module):
             query_start_loc=jnp.arange(t + 1, dtype=jnp.int32), decode_only=True)
 
         dec = self.model.decoder
-        x = dec.embed(self._embed_tokens(dec, input_ids), jnp.where(is_dec, positions - enc_pad, 0))
+        x = dec.embed(self._embed_tokens(dec, input_ids),
+                      jnp.where(is_dec, positions - enc_pad, 0))
         new_caches = []
         for layer, kv in zip(dec.layers, kv_caches):
             x, kv = layer(x, kv, md_self, md_cross)
