@@ -248,7 +248,8 @@ def test_translate_example_runs_offline():
     env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, os.path.join(root, "examples", "translate_beam.py"),
                         "--max-tokens", "6", "--max-num-batched-tokens", "32",
-                        "--tgt-lang", "de_DE", "Hello world.", "The cat sat."], capture_output=True, text=True, timeout=600, env=env)
+                        "--tgt-lang", "de_DE", "Hello world.", "The cat sat."],
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
     assert lines[0] == "[en_XX] Hello world." and lines[2] == "[en_XX] The cat sat."
