@@ -182,21 +182,28 @@ def test_beams_share_encoder_blocks(llms):
     assert_all_free(engine)
 
 
-def test_beam_parity_under_preemption(llms):
-    """A cache too small for every group at once: groups are preempted
-    (recompute: the encoder runs again) and still equal transformers."""
-    llm = llms("mbart", num_kv_blocks=22, preemption_mode="recompute")
+@pytest.mark.parametrize("width,case", [
+    (4, dict(num_kv_blocks=22, preemption_mode="recompute")),
+    (1, dict(num_kv_blocks=7, preemption_mode="swap", swap_space=0.01))],
+    ids=["beams-recompute", "greedy-swap"])
+def test_parity_under_preemption(llms, width, case):
+    """A cache too small for every request at once: requests are preempted
+    (the encoder runs again on recompute; a swapped row's token history
+    returns without its encoder tokens) and still equal transformers, with
+    the repetition penalty on."""
+    llm = llms("mbart", **case)
     engine = llm.llm_engine
     path = engine.config.model
     encs = [encoder_ids(path, p) for p in ENCODER_PROMPTS]
-    sp = SamplingParams(num_beams=4, num_return_sequences=4, temperature=0.0,
-                        max_tokens=MAX_TOKENS)
+    sp = SamplingParams(num_beams=width, num_return_sequences=width, temperature=0.0,
+                        max_tokens=MAX_TOKENS, repetition_penalty=1.2)
     outs = llm.generate([{"prompt_token_ids": e} for e in encs], sp, use_tqdm=False)
     assert engine.scheduler.num_preemptions > 0
     for e, out in zip(encs, outs):
-        want = hf_generate(path, e, 4)
+        want = hf_generate(path, e, width, repetition_penalty=1.2)
         assert [list(c.token_ids) for c in out.outputs] == [t for t, _ in want]
     assert_all_free(engine)
+    assert engine.kv.num_used_host_blocks == 0
 
 
 def test_mbart50_language_codes(llms):
@@ -288,3 +295,36 @@ def test_encoder_decoder_limits_are_value_errors(llms):
     with pytest.raises(ValueError, match="decoder_prompt is empty"):
         engine.add_request("empty", {"prompt": "x", "decoder_prompt": []}, sp)
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("name", ["bart", "mbart"])
+def test_repetition_penalty_sees_decoder_tokens_only(llms, name):
+    """The seed's form, SamplingParams(num_beams=4, repetition_penalty=1.2):
+    as in transformers, the penalty counts the decoder's tokens (its start
+    token included), not the encoder prompt's."""
+    llm = llms(name)
+    path = llm.llm_engine.config.model
+    encs = [encoder_ids(path, p) for p in ENCODER_PROMPTS]
+    for width in (1, 4):
+        sp = SamplingParams(num_beams=width, num_return_sequences=width, temperature=0.0,
+                            max_tokens=MAX_TOKENS, repetition_penalty=1.2)
+        outs = llm.generate([{"prompt_token_ids": e} for e in encs], sp, use_tqdm=False)
+        for e, out in zip(encs, outs):
+            want = hf_generate(path, e, width, repetition_penalty=1.2)
+            assert [list(c.token_ids) for c in out.outputs] == [t for t, _ in want]
+    assert_all_free(llm.llm_engine)
+
+
+def test_row_history_hides_encoder_blocks():
+    """A re-joining row's token history (sent again after a swap) hides its
+    encoder blocks, as each step's own history writes do."""
+    from jpaged.runner.input_batch import InputBatch
+
+    batch = InputBatch(2, 32, 4, 8, 10, vocab_size=500, encoder_decoder=True)
+    batch.tokens[0, :14] = np.arange(1, 15)
+    batch.encoder_len[0] = 3  # encoder blocks: positions 0..7
+    hist = batch.history(0)
+    assert (hist[:8] == 500).all() and hist[8:14].tolist() == list(range(9, 15))
+    assert batch.tokens[0, 0] == 1  # the step's input ids keep the encoder's tokens
+    batch.tokens[1, :4] = 7
+    assert batch.history(1) is batch.tokens[1]  # decoder-only rows: unchanged

@@ -50,6 +50,17 @@ _ACT = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
         "silu": jax.nn.silu, "swish": jax.nn.silu, "tanh": jnp.tanh}
 
 
+def hide_encoder_tokens(ids, positions, encoder_lens, query_start_loc, context_lens,
+                        block_size: int, fill: int):
+    """``ids`` [T] with each encoder (and padding) token replaced by ``fill``
+    (out of the vocabulary): the token history penalties read is the
+    decoder's own, as transformers' ``repetition_penalty`` sees it."""
+    seq, valid, _, _ = token_layout(query_start_loc, context_lens, ids.shape[0])
+    enc_len = jnp.where(valid, encoder_lens[seq], 0)
+    return jnp.where(positions < (enc_len + block_size - 1) // block_size * block_size,
+                     fill, ids)
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))

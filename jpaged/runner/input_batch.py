@@ -117,6 +117,16 @@ class InputBatch:
             self.random[row] = self.filtered[row] = self.logprobs[row] = False
         return row
 
+    def history(self, row: int) -> np.ndarray:
+        """The row's token history for penalties: its known tokens, with an
+        encoder-decoder row's encoder blocks out of the vocabulary (ignored)."""
+        if not self.encoder_len[row]:
+            return self.tokens[row]
+        bs = self.block_size
+        out = self.tokens[row].copy()
+        out[:-(-int(self.encoder_len[row]) // bs) * bs] = self.vocab_size
+        return out
+
     # ------------------------------------------------------------ a step
     def build(self, out: SchedulerOutput, bucket_fn, eos_ids, pallas: bool) -> BuiltStep:
         """Pack the inputs of ``out`` (whose requests' blocks are allocated)."""

@@ -46,6 +46,7 @@ from jpaged.distributed.mesh import make_mesh
 from jpaged.distributed.sharding import (
     kv_cache_heads, kv_cache_spec, logits_spec, param_shardings, replicated)
 from jpaged.layers.attention import AttentionMetadata
+from jpaged.models.bart import hide_encoder_tokens
 from jpaged.runner.buckets import bucket_for, token_buckets
 from jpaged.runner.input_batch import MAX_BANNED, BuiltStep, InputBatch
 from jpaged.runner.step_inputs import StepLayout
@@ -164,7 +165,12 @@ class ModelRunner:
         block_table = block_table.at[inp.upd_rows, inp.upd_cols].set(inp.upd_vals, mode="drop")
         rows = jnp.minimum(inp.token_rows, last_tokens.shape[0] - 1)
         input_ids = jnp.where(inp.input_ids < 0, last_tokens[rows], inp.input_ids)
-        token_table = token_table.at[inp.token_rows, inp.positions].set(input_ids, mode="drop")
+        history = input_ids
+        if inp.encoder_lens is not None:  # encoder-decoder: penalties see decoder tokens
+            history = hide_encoder_tokens(input_ids, inp.positions, inp.encoder_lens,
+                                          inp.query_start_loc, inp.context_lens,
+                                          self.cfg.block_size, self.model_cfg.vocab_size)
+        token_table = token_table.at[inp.token_rows, inp.positions].set(history, mode="drop")
         # Copy-on-write: duplicate shared blocks before anything writes them.
         src, dst = inp.copy_src, inp.copy_dst
         kv_caches = [(k.at[dst].set(k[src], mode="drop"), v.at[dst].set(v[src], mode="drop"))
@@ -330,7 +336,7 @@ class ModelRunner:
             self.block_table = self._put(self.batch.block_table)
         for row in built.penalty_rows:  # prefix-cache hits never pass through a step
             self.token_table = self._set_token_row(
-                self.token_table, self._put(np.int32(row)), self._put(self.batch.tokens[row]))
+                self.token_table, self._put(np.int32(row)), self._put(self.batch.history(row)))
         self._last = (built.buf, built.layout, built.decode_only)
         res = self._run(built.buf, built.layout, built.decode_only)
         return StepHandle(out, built, res)
