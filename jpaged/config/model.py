@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from jpaged.config.encdec import ENCDEC_ARCHITECTURES, EncDecConfig, encdec_fields
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           *ENCDEC_ARCHITECTURES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
@@ -62,6 +65,12 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     dtype: str  # canonical compute/param dtype name, see DTYPES
+    # BART/mBART: the encoder and what only the model needs (jpaged.config.encdec).
+    encoder_decoder: EncDecConfig | None = None
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder_decoder is not None
 
     @property
     def jnp_dtype(self):
@@ -92,6 +101,9 @@ class ModelConfig:
             raise ValueError(
                 f"architectures={archs!r} is not supported; jpaged supports "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        if arch in ENCDEC_ARCHITECTURES:
+            return cls(architecture=arch, **encdec_fields(hf, arch), dtype=resolve_dtype(
+                dtype, hf.get("torch_dtype") or hf.get("dtype")))
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={act!r} is not supported for {arch}; "

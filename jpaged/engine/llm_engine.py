@@ -40,6 +40,7 @@ from jpaged.distributed.mesh import check_split, make_mesh
 from jpaged.model_loader.loader import load_model
 from jpaged.engine.beam_output import beam_request_output
 from jpaged.engine.faults import FaultInjector
+from jpaged.engine.encdec_prompt import encdec_prompt
 from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.engine.recovery import fail_step
 from jpaged.outputs import RequestMetrics, RequestOutput
@@ -116,6 +117,9 @@ class LLMEngine:
         if tp > 1:
             if not (config.model.endswith(".gguf") or load_format == "gguf"):
                 mc = ModelConfig.from_pretrained(config.model, config.dtype)
+                if mc.is_encoder_decoder:
+                    raise ValueError(f"{mc.architecture} runs on one device; use "
+                                     f"tensor_parallel_size=1, not {tp}")
                 check_split(mc, tp)  # the loader refuses GGUF under TP itself
             if load_format == "orbax":
                 raise ValueError("load_format='orbax' holds unsplit params; with "
@@ -172,7 +176,10 @@ class LLMEngine:
                     if config.preemption_mode == "swap" else 0)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), %d host swap blocks",
                     num_blocks, config.block_size, num_blocks * per_block / 2**20, num_host)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+        # Encoder-decoder models cache no prefixes: an encoder block's cross K/V
+        # depends on the whole encoder prompt, not on the tokens before it.
+        self.kv = KVCacheManager(num_blocks, config.block_size,
+                                 config.enable_prefix_caching and not mc.is_encoder_decoder,
                                  num_host_blocks=num_host)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
@@ -267,7 +274,7 @@ class LLMEngine:
                 ttft_slo_ms=params.ttft_slo_ms if ttft_slo_ms is None else ttft_slo_ms)
         if request_id in self.output.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
+        text, ids, seq_ids, encoder_len = self._prompt(prompt)
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.config.max_logprobs:
@@ -280,8 +287,15 @@ class LLMEngine:
         if not params.ignore_eos:
             params.all_stop_token_ids |= self.eos_token_ids
         max_tokens = params.max_tokens
+        room = self.max_model_len - len(seq_ids)
+        if encoder_len:  # the decoder's positions have their own limit
+            room = self.model_config.encoder_decoder.max_positions - len(ids)
+            if max_tokens is not None and max_tokens > room:
+                raise ValueError(f"decoder prompt ({len(ids)} tokens) plus max_tokens "
+                                 f"({max_tokens}) is over the model's max_position_embeddings="
+                                 f"{self.model_config.encoder_decoder.max_positions}")
         if max_tokens is None:
-            max_tokens = self.max_model_len - len(ids)
+            max_tokens = room
             if max_tokens < 1:
                 raise ValueError(f"prompt has {len(ids)} tokens, no room under "
                                  f"max_model_len={self.max_model_len}")
@@ -294,7 +308,8 @@ class LLMEngine:
                     f"{min(MAX_BEAM_CANDIDATES, self.model_config.vocab_size)} the step returns")
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63 - 1))
         now = self.scheduler.clock() if arrival_time is None else arrival_time
-        req = Request(request_id=request_id, group_id=request_id, prompt_token_ids=ids,
+        req = Request(request_id=request_id, group_id=request_id, prompt_token_ids=seq_ids,
+                      encoder_len=encoder_len,
                       sampling_params=params, arrival_time=now, seed=seed, priority=priority,
                       cache_salt=cache_salt, max_tokens=max_tokens,
                       forked=params.n == 1,
@@ -341,6 +356,28 @@ class LLMEngine:
             rows[name] = row
         return rows
 
+    def _prompt(self, prompt) -> tuple[str | None, list[int], list[int], int]:
+        """(text, the outputs' prompt ids, the engine sequence, encoder length):
+        for decoder-only models the sequence is the prompt (encoder length 0);
+        see `jpaged.engine.encdec_prompt` for encoder-decoder ones."""
+        mc = self.model_config
+        if not mc.is_encoder_decoder:
+            text, ids = self._tokenize(prompt)
+            return text, ids, ids, 0
+        p = encdec_prompt(prompt, self.tokenizer, mc.encoder_decoder, self.config.block_size,
+                          self._check_ids)
+        if len(p.engine_ids) - len(p.decoder_ids) > self.scheduler.config.max_num_batched_tokens:
+            raise ValueError(f"encoder prompt of {p.encoder_len} tokens (padded to KV blocks) "
+                             "runs in one step and is over max_num_batched_tokens="
+                             f"{self.scheduler.config.max_num_batched_tokens}")
+        return p.text, p.decoder_ids, p.engine_ids, p.encoder_len
+
+    def _check_ids(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.model_config.vocab_size})")
+
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -357,10 +394,7 @@ class LLMEngine:
             ids = [int(i) for i in prompt]
             if not ids:
                 raise ValueError("prompt_token_ids is empty")
-            bad = [i for i in ids if not 0 <= i < self.model_config.vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary "
-                                 f"[0, {self.model_config.vocab_size})")
+            self._check_ids(ids)
             return None, ids
         raise ValueError(f"prompt must be a string or a list of token ids, got "
                          f"{type(prompt).__name__}")

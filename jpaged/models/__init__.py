@@ -1,12 +1,15 @@
 """Model registry: Hugging Face ``architectures`` name -> Flax model class."""
 
 from jpaged.config.model import SUPPORTED_ARCHITECTURES, ModelConfig
+from jpaged.models.bart import BartForConditionalGeneration
 from jpaged.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "BartForConditionalGeneration": BartForConditionalGeneration,
+    "MBartForConditionalGeneration": BartForConditionalGeneration,
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES)
 

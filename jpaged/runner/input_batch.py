@@ -57,7 +57,8 @@ def prompt_logprob_spans(sched, qsl) -> list[tuple[int, int, int, int]]:
 
 class InputBatch:
     def __init__(self, max_num_seqs: int, max_model_len: int, max_blocks_per_seq: int,
-                 block_size: int, num_blocks: int, vocab_size: int, processors: tuple = ()):
+                 block_size: int, num_blocks: int, vocab_size: int, processors: tuple = (),
+                 encoder_decoder: bool = False):
         r = max_num_seqs
         self.max_num_seqs, self.block_size, self.num_blocks = r, block_size, num_blocks
         self.vocab_size = vocab_size
@@ -85,6 +86,8 @@ class InputBatch:
         self.proc_params = [np.zeros((r, p.num_params), np.int32) for p in processors]
         self.proc_on = [np.zeros(r, bool) for _ in processors]
         self.beam = np.zeros(r, bool)  # beam-search rows: the step returns their top tokens
+        self.encoder_decoder = encoder_decoder
+        self.encoder_len = np.zeros(r, np.int32)  # encoder-decoder models: E of each row
 
     # ------------------------------------------------------------ rows
     def release(self, req_ids) -> None:
@@ -128,9 +131,20 @@ class InputBatch:
             if on[row]:
                 params[row] = rows[p.name]
         self.beam[row] = req.beam is not None
+        self.encoder_len[row] = req.encoder_len
         if req.beam is not None:  # its tokens come from the top-k, never from a draw
             self.random[row] = self.filtered[row] = self.logprobs[row] = False
         return row
+
+    def history(self, row: int) -> np.ndarray:
+        """The row's token history for penalties: its known tokens, with an
+        encoder-decoder row's encoder blocks out of the vocabulary (ignored)."""
+        if not self.encoder_len[row]:
+            return self.tokens[row]
+        bs = self.block_size
+        out = self.tokens[row].copy()
+        out[:-(-int(self.encoder_len[row]) // bs) * bs] = self.vocab_size
+        return out
 
     # ------------------------------------------------------------ a step
     def build(self, out: SchedulerOutput, bucket_fn, eos_ids, pallas: bool) -> BuiltStep:
@@ -186,7 +200,9 @@ class InputBatch:
         s = min(t, self.max_num_seqs)
         assert total_rows <= s and n <= s
         plp_spans = prompt_logprob_spans(sched, qsl)
-        layout = StepLayout(t, s, t + s, s, MAX_BANNED, self.processors, bool(plp_spans))
+        layout = StepLayout(t, s, t + s, s, MAX_BANNED, self.processors,
+                            prompt_logprobs=bool(plp_spans),
+                            encoder_decoder=self.encoder_decoder)
         buf = np.zeros(layout.size, np.int32)
         v = layout.views(buf)
         decode_only = pallas and bool((num_new == 1).all()) and total_rows == n
@@ -206,6 +222,8 @@ class InputBatch:
         v["token_rows"][total:] = self.max_num_seqs
         # Sequences.
         v["seq_rows"][:n] = rows
+        if self.encoder_decoder:
+            v["encoder_lens"][:n] = self.encoder_len[rows]
         v["context_lens"][:n] = starts + num_new
         v["query_start_loc"][:n + 1] = qsl
         v["query_start_loc"][n + 1:] = total  # padding sequences: empty query ranges

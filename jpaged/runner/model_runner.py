@@ -49,6 +49,7 @@ from jpaged.distributed.sharding import (
     kv_cache_heads, kv_cache_spec, logits_spec, param_shardings, replicated)
 from jpaged.layers.attention import AttentionMetadata
 from jpaged.layers.kv_quant import FP8, resolve_kv_cache_dtype
+from jpaged.models.bart import hide_encoder_tokens
 from jpaged.runner.buckets import bucket_for, token_buckets
 from jpaged.runner.input_batch import MAX_BANNED, BuiltStep, InputBatch
 from jpaged.runner.step_inputs import StepLayout
@@ -139,7 +140,8 @@ class ModelRunner:
                                  out_shardings=self._kv_sh)()
         r = cfg.max_num_seqs
         self.batch = InputBatch(r, cfg.max_model_len, self.max_blocks_per_seq, cfg.block_size,
-                                cfg.num_blocks, model_cfg.vocab_size, cfg.logits_processors)
+                                cfg.num_blocks, model_cfg.vocab_size, cfg.logits_processors,
+                                model_cfg.is_encoder_decoder)
         self.block_table = self._put(np.zeros((r, self.max_blocks_per_seq), np.int32))
         self.token_table = self._put(np.zeros((r, cfg.max_model_len), np.int32))
         self.last_tokens = self._put(np.zeros((r,), np.int32))
@@ -179,7 +181,12 @@ class ModelRunner:
         block_table = block_table.at[inp.upd_rows, inp.upd_cols].set(inp.upd_vals, mode="drop")
         rows = jnp.minimum(inp.token_rows, last_tokens.shape[0] - 1)
         input_ids = jnp.where(inp.input_ids < 0, last_tokens[rows], inp.input_ids)
-        token_table = token_table.at[inp.token_rows, inp.positions].set(input_ids, mode="drop")
+        history = input_ids
+        if inp.encoder_lens is not None:  # encoder-decoder: penalties see decoder tokens
+            history = hide_encoder_tokens(input_ids, inp.positions, inp.encoder_lens,
+                                          inp.query_start_loc, inp.context_lens,
+                                          self.cfg.block_size, self.model_cfg.vocab_size)
+        token_table = token_table.at[inp.token_rows, inp.positions].set(history, mode="drop")
         # Copy-on-write: duplicate shared blocks before anything writes them.
         src, dst = inp.copy_src, inp.copy_dst
         kv_caches = [(k.at[dst].set(k[src], mode="drop"), v.at[dst].set(v[src], mode="drop"))
@@ -190,7 +197,9 @@ class ModelRunner:
             backend=self.cfg.backend, decode_only=decode_only,
             mesh=self.mesh if self.mesh.size > 1 else None, kv_scales=self.cfg.kv_scales)
         model = nnx.merge(self.graphdef, params)
-        hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md)
+        # Encoder-decoder models also take each sequence's encoder length.
+        extra = {} if inp.encoder_lens is None else {"encoder_lens": inp.encoder_lens}
+        hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md, **extra)
         logits = model.compute_logits(hidden[inp.logits_indices])  # [S, V]
         # Split by vocabulary under TP (so the lm_head never moves), then
         # gathered once, so sampling sees the whole vocabulary.
@@ -245,7 +254,8 @@ class ModelRunner:
 
     def _empty_layout(self, t: int) -> StepLayout:
         s = min(t, self.cfg.max_num_seqs)
-        return StepLayout(t, s, t + s, s, MAX_BANNED, self.cfg.logits_processors)
+        return StepLayout(t, s, t + s, s, MAX_BANNED, self.cfg.logits_processors,
+                          encoder_decoder=self.model_cfg.is_encoder_decoder)
 
     def _empty_buf(self, layout: StepLayout) -> np.ndarray:
         """A step that computes nothing: every token and update is padding."""
@@ -365,7 +375,7 @@ class ModelRunner:
             self.block_table = self._put(self.batch.block_table)
         for row in built.penalty_rows:  # prefix-cache hits never pass through a step
             self.token_table = self._set_token_row(
-                self.token_table, self._put(np.int32(row)), self._put(self.batch.tokens[row]))
+                self.token_table, self._put(np.int32(row)), self._put(self.batch.history(row)))
         self._last = (built.buf, built.layout, built.decode_only)
         res = self._run(built.buf, built.layout, built.decode_only)
         return StepHandle(out, built, res)

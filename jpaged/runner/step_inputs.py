@@ -48,6 +48,8 @@ class StepInputs:
     # Layouts with prompt logprobs: per token, the next prompt token (whose
     # logprob that position's logits give), -1 where none is asked.
     plp_targets: jax.Array | None = None
+    # Encoder-decoder models only: each sequence's encoder length [S] i32.
+    encoder_lens: jax.Array | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class StepLayout:
     # Some request of the step asks for prompt logprobs: every token's logits
     # are scored against ``plp_targets`` (a separate compiled variant).
     prompt_logprobs: bool = False
+    encoder_decoder: bool = False  # adds encoder_lens (S words)
 
     def fields(self) -> list[tuple[str, int]]:
         t, s, u, c, b = (self.num_tokens, self.num_seqs, self.num_updates, self.num_copies,
@@ -81,6 +84,7 @@ class StepLayout:
             *[f for p in self.processors
               for f in ((f"lp.{p.name}", s * p.num_params), (f"lpon.{p.name}", s))],
             *([("plp_targets", t)] if self.prompt_logprobs else []),
+            *([("encoder_lens", s)] if self.encoder_decoder else []),
         ]
 
     @property
@@ -122,4 +126,4 @@ class StepLayout:
         procs = tuple((f[f"lp.{p.name}"].reshape(self.num_seqs, p.num_params),
                        f[f"lpon.{p.name}"] != 0) for p in self.processors)
         names = {fl.name for fl in dataclasses.fields(StepInputs)} - {"sampling", "processors"}
-        return StepInputs(sampling=smd, processors=procs, **{k: f[k] for k in names if k in f})
+        return StepInputs(sampling=smd, processors=procs, **{k: f.get(k) for k in names})

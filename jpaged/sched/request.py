@@ -59,6 +59,9 @@ class Request:
     # token by ``ttft_deadline`` (SamplingParams.deadline_ms / ttft_slo_ms).
     deadline: float | None = None
     ttft_deadline: float | None = None
+    # Encoder-decoder models: the first encoder_len prompt tokens are the
+    # encoder's, which one step must compute together (jpaged.models.bart).
+    encoder_len: int = 0
 
     def __post_init__(self):
         if not self.all_token_ids:

@@ -212,6 +212,8 @@ class Scheduler:
             num_new = min(req.num_tokens + req.num_output_placeholders
                           - req.num_computed_tokens, budget)
             assert num_new > 0, f"{req.request_id} has nothing to compute"
+            if req.encoder_len and not _covers_encoder(req, req.num_computed_tokens, num_new):
+                continue
             while True:
                 block_ids = self.kv.allocate_slots_delta(
                     req.request_id, req.all_token_ids, req.num_computed_tokens, num_new,
@@ -279,6 +281,8 @@ class Scheduler:
                     hit_ids, num_cached = self.kv.get_computed_blocks(
                         req.request_id, req.all_token_ids, req.cache_salt)
                 num_new = min(req.num_tokens - num_cached, budget)
+                if req.encoder_len and not _covers_encoder(req, num_cached, num_new):
+                    break  # its encoder waits for a step with room for all of it
                 block_ids = self.kv.allocate_slots_delta(
                     req.request_id, req.all_token_ids, num_cached, num_new, hit_ids,
                     cache_salt=req.cache_salt)
@@ -331,6 +335,8 @@ class Scheduler:
                 if b.num_cached_tokens < 0:
                     b.num_cached_tokens = num_cached
             num_new = min(b.num_tokens - num_cached, budget - used)
+            if b.encoder_len and not _covers_encoder(b, num_cached, num_new):
+                num_new = 0  # computes from a later step, encoder whole
             block_ids = self.kv.allocate_slots_delta(
                 b.request_id, b.all_token_ids, num_cached, num_new, hit_ids,
                 cache_salt=b.cache_salt)
@@ -435,3 +441,10 @@ class Scheduler:
             self.kv.free(rid)
             self._freed.append(rid)
             self._in_batch.discard(rid)
+
+
+def _covers_encoder(req: Request, start: int, num_new: int) -> bool:
+    """Whether a chunk of ``num_new`` tokens from ``start`` keeps an
+    encoder-decoder request's encoder tokens in one step: it starts past
+    them, or takes them all."""
+    return start >= req.encoder_len or start + num_new >= req.encoder_len

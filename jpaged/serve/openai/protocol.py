@@ -71,6 +71,11 @@ class _SamplingFields(_Request):
     ttft_slo_ms: Annotated[float, Field(gt=0, le=1e9)] | None = None
     # vLLM's extra field: the prompt's logprobs, returned as `prompt_logprobs`.
     prompt_logprobs: Int32 | None = None
+    # Beam search (vLLM's extra body fields): ``n`` is the beam width and
+    # every beam comes back as a choice, best first.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 class CompletionRequest(_SamplingFields):
@@ -263,6 +268,8 @@ def make_sampling_params(req, vocab_size: int, max_tokens, logprobs,
                          default_deadline_ms: float | None = None,
                          prompt_logprobs: int | None = None) -> SamplingParams:
     """`SamplingParams` from a completion or chat request; a 400 naming a bad field."""
+    if req.use_beam_search:
+        return _beam_params(req, max_tokens, logprobs, default_deadline_ms)
     top_k = req.top_k if req.top_k is not None else 0
     if top_k >= vocab_size:
         top_k = 0  # the whole vocabulary: no filter
@@ -284,3 +291,34 @@ def make_sampling_params(req, vocab_size: int, max_tokens, logprobs,
             ttft_slo_ms=req.ttft_slo_ms)
     except ValueError as e:
         raise APIError(400, str(e), param_of(str(e))) from None
+
+
+def _beam_params(req, max_tokens, logprobs, default_deadline_ms) -> SamplingParams:
+    """A beam search of width ``n``; streaming is refused (a beam search has
+    no partial output: intermediate beams are not prefixes of the final ones)."""
+    if req.stream:
+        raise APIError(400, "use_beam_search does not support stream=true", "stream")
+    try:
+        return SamplingParams(
+            num_beams=req.n, num_return_sequences=req.n,
+            temperature=0.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else
+            req.repetition_penalty,
+            length_penalty=req.length_penalty, early_stopping=req.early_stopping,
+            max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
+            stop=req.stop, stop_token_ids=req.stop_token_ids,
+            include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens, logit_bias=req.logit_bias or None,
+            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
+            deadline_ms=req.deadline_ms if req.deadline_ms is not None else default_deadline_ms,
+            ttft_slo_ms=req.ttft_slo_ms)
+    except ValueError as e:
+        raise APIError(400, str(e), param_of(str(e))) from None
+
+
+def choices_per_prompt(params: SamplingParams) -> int:
+    """How many choices each prompt has: ``n`` samples, or the beams returned."""
+    return params.num_return_sequences if params.num_beams > 1 else params.n

@@ -85,7 +85,7 @@ def _content_chars(content) -> int:
 async def _chat_chunks(gen: Generation, model: str, include_usage: bool, logprobs):
     st = gen.state
     prompt_tokens = len(gen.prompts[0])
-    for k in range(gen.params.n):
+    for k in range(P.choices_per_prompt(gen.params)):
         yield sse(P.ChatCompletionChunk(id=gen.base_id, model=model, choices=[
             P.ChatChunkChoice(index=k, delta=P.DeltaMessage(role="assistant",
                                                             content=""))]))

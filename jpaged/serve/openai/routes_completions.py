@@ -91,7 +91,7 @@ async def completions(request: Request):
         for i, t in enumerate(texts):
             if t is None:
                 texts[i] = await st.in_pool(st.tokenizer.decode, prompts[i])
-    n = params.n
+    n = P.choices_per_prompt(params)
     if req.stream:
         chunks = _completion_chunks(gen, model, texts if req.echo else None, include_usage,
                                     req.logprobs, drop)
@@ -126,7 +126,7 @@ async def completions(request: Request):
 
 async def _completion_chunks(gen: Generation, model: str, echo_texts, include_usage: bool,
                              logprobs, drop: bool):
-    st, n = gen.state, gen.params.n
+    st, n = gen.state, P.choices_per_prompt(gen.params)
     offsets: dict[int, int] = {}
     prompt_tokens = sum(map(len, gen.prompts))
     plps: dict[int, list] = {}  # prompt -> its prompt logprobs (in its first delta only)
