@@ -235,7 +235,7 @@ class TestKernels:
       paged_decode_attention(q[..., :48], k[..., :48], v[..., :48], bt, cl, scale=1.0)
     with pytest.raises(ValueError, match="divisible"):
       paged_decode_attention(q[:, :7], k, v, bt, cl, scale=1.0)
-    with pytest.raises(ValueError, match="dtypes differ"):
+    with pytest.raises(ValueError, match="must have q's dtype or float8_e4m3fn"):
       ragged_paged_attention(q.astype(jnp.bfloat16), k, v, bt, cl, qsl, scale=1.0)
     with pytest.raises(ValueError, match="query_start_loc"):
       ragged_paged_attention(q, k, v, bt, cl, qsl[:1], scale=1.0)
