@@ -28,7 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+def read_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     """Bytes per second a jitted sum reads from a large float32 buffer (best of ``reps``)."""
     import jax
     import jax.numpy as jnp

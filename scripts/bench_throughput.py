@@ -137,7 +137,11 @@ def bench_vllm(model, prompts, out_lens, args, prefix_caching):
     os.unlink(f.name)
     if out.returncode:
         raise SystemExit(f"vLLM peer failed:\n{out.stderr[-4000:]}")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("JPAGED_PEER_RESULT ")]
+    if not lines:
+        raise SystemExit(f"vLLM peer printed no result:\n{out.stdout[-2000:]}\n"
+                         f"{out.stderr[-2000:]}")
+    res = json.loads(lines[-1].split(" ", 1)[1])
     return res["elapsed"], res["tokens"]
 
 

@@ -5,13 +5,15 @@ Runs under the peer's own venv (see scripts/setup_vllm_peer.sh), never
 jpaged's: ``python vllm_peer.py SPEC.json`` reads the model, the prompts (token
 ids), the output lengths and the engine options, runs one warm-up request
 (as jpaged compiles at start-up), then times ``LLM.generate`` on the whole
-workload with greedy sampling and ``ignore_eos``, and prints one JSON line:
+workload with greedy sampling and ``ignore_eos``, and prints one JSON line (after a marker):
 the elapsed seconds and the generated token ids.
 """
 
 import json
 import sys
 import time
+
+MARK = "JPAGED_PEER_RESULT "
 
 
 def main() -> None:
@@ -31,8 +33,10 @@ def main() -> None:
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    print(json.dumps({"elapsed": elapsed,
-                      "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+    # One marked line: vLLM's own logging may also write to stdout.
+    print(MARK + json.dumps({"elapsed": elapsed,
+                             "tokens": [list(o.outputs[0].token_ids) for o in outs]}),
+          flush=True)
 
 
 if __name__ == "__main__":  # vLLM spawns worker processes: keep this guard

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 
-def token_buckets(max_num_batched_tokens: int) -> list[int]:
+def token_buckets(max_num_batched_tokens: int, single_token: bool = False) -> list[int]:
     """Powers of two from 8, and from 128 up also 1.5x each power of two; the
-    largest is the token budget itself.
+    largest is the token budget itself. ``single_token`` adds a bucket of one
+    token in front (the CPU backend: XLA:CPU multiplies one row by a weight
+    matrix as a matrix-vector product at the memory bandwidth, 25 GB/s here,
+    but 2 to 8 rows at 14-16 GB/s, so one decoding stream padded to 8 tokens
+    read its weights half as fast).
 
     Small steps are bound by reading the weights, so their padding is nearly
     free; large ones are bound by arithmetic, where a 128-sequence decode
@@ -18,7 +22,8 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
         if b >= 128 and b * 3 // 2 < max_num_batched_tokens:
             out.append(b * 3 // 2)
         b *= 2
-    return out + [max_num_batched_tokens]
+    out += [max_num_batched_tokens]
+    return [1] + out if single_token and max_num_batched_tokens > 1 else out
 
 
 def bucket_for(buckets: list[int], n: int) -> int:

@@ -148,7 +148,8 @@ class ModelRunner:
         host_shape = (cfg.num_host_blocks,) + shape[1:]
         self.host_kv = [(np.zeros(host_shape, dt), np.zeros(host_shape, dt))
                         for _ in range(model_cfg.num_hidden_layers)] if cfg.num_host_blocks else []
-        self.buckets = token_buckets(cfg.max_num_batched_tokens)
+        self.buckets = token_buckets(cfg.max_num_batched_tokens,
+                                     single_token=cfg.backend == "reference")
         self.num_compiles = 0
         self._compiled: dict = {}  # (layout, decode_only) -> the executable warm-up built
         self._last: tuple | None = None  # (buf, layout, decode_only) of the last step
