@@ -8,6 +8,7 @@ import atexit
 import socket
 import threading
 import time
+from pathlib import Path
 
 # Imported here, not on the first step: importing it (and JAX) inside the
 # engine thread would hold the GIL for seconds in the middle of a test.
@@ -239,3 +240,28 @@ class FakeEngine:
     def get_stats(self):
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), 0.0,
                            0, 0, 0, 0, 0, 0)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, procs_and_logs, timeout: float) -> None:
+    """Poll ``url``/health until it answers 200; fail with the log's tail if a
+    server process (``(Popen, log path)`` pairs) exits first, or on timeout."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc, log in procs_and_logs:
+            assert proc.poll() is None, Path(log).read_text()[-3000:]
+        assert time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ import httpx
 import pytest
 
 from jpaged import LLM, SamplingParams
+from serve_helpers import free_port, wait_healthy
 
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
 ENGINE = ["--block-size", "8", "--max-num-seqs", "4", "--max-num-batched-tokens", "16",
           "--max-model-len", "64", "--num-kv-blocks", "48", "--tensor-parallel-size", "2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +36,7 @@ def expected(llama_dir):
 
 
 def _launch(model_dir, tmp_path):
-    coord, port = _free_port(), _free_port()
+    coord, port = free_port(), free_port()
     procs, logs = [], []
     for i in range(2):
         env = dict(os.environ, JPAGED_COORDINATOR=f"127.0.0.1:{coord}",
@@ -54,20 +48,11 @@ def _launch(model_dir, tmp_path):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "jpaged.cli", "--log-level", "info", "serve",
              "--model", model_dir,
-             "--port", str(port if i == 0 else _free_port()), "--served-model-name", "m",
+             "--port", str(port if i == 0 else free_port()), "--served-model-name", "m",
              *ENGINE], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        for p, log in zip(procs, logs):
-            assert p.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "server did not come up"
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return procs, logs, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
+    wait_healthy(url, list(zip(procs, logs)), 300)
+    return procs, logs, url
 
 
 def _complete(url, prompt):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,9 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from grpc_client import client_modules
-from serve_helpers import ENGINE_KWARGS
+from serve_helpers import ENGINE_KWARGS, free_port, wait_healthy
 
 ISS, AUD = "https://issuer.test", "jpaged"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +36,7 @@ def served(llama_dir, tmp_path_factory):
     now = int(time.time())
     token = jwt.encode({"iss": ISS, "aud": AUD, "sub": "alice", "exp": now + 3600,
                         "scope": "generate"}, key, "RS256", headers={"kid": "k1"})
-    port, gport = _free_port(), _free_port()
+    port, gport = free_port(), free_port()
     cmd = [sys.executable, "-m", "jpaged.cli", "serve", "--model", llama_dir,
            "--port", str(port), "--grpc-port", str(gport), "--served-model-name", "m",
            "--auth", "oidc", "--oidc-issuer", ISS, "--oidc-audience", AUD,
@@ -55,16 +48,7 @@ def served(llama_dir, tmp_path_factory):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "JPAGED_API_KEY": ""})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "server did not come up"
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    wait_healthy(url, [(proc, tmp / "server.log")], 180)
     channel = grpc.insecure_channel(f"127.0.0.1:{gport}")
     yield dict(proc=proc, url=url, port=port, channel=channel, token=token,
                log=tmp / "server.log")

@@ -13,16 +13,15 @@ where a venv with ``pip install`` would need the network and minutes.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import httpx
 from packaging.requirements import Requirement
+from serve_helpers import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,9 +95,7 @@ def test_clean_install_chats_and_serves_chat(tmp_path, llama_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("assistant> ") == 1
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     srv = subprocess.Popen(
         _python(site) + ["-m", "jpaged.cli", "serve", "--model", llama_dir, "--port", str(port),
@@ -106,16 +103,7 @@ def test_clean_install_chats_and_serves_chat(tmp_path, llama_dir):
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert srv.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, [(srv, tmp_path / "serve.log")], 240)
         r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200, r.text

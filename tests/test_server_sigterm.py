@@ -4,7 +4,6 @@ flight finish, answers new ones with 503, then the process exits."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,17 +11,11 @@ import time
 
 import httpx
 
-from serve_helpers import ENGINE_KWARGS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_helpers import ENGINE_KWARGS, free_port, wait_healthy
 
 
 def _start(llama_dir, tmp_path, *extra):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w+")
     cmd = [sys.executable, "-m", "jpaged.cli", "--log-level", "INFO", "serve",
@@ -31,17 +24,12 @@ def _start(llama_dir, tmp_path, *extra):
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "JPAGED_API_KEY": "sk-env"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(open(tmp_path / "server.log").read()[-3000:])
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url, log
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    try:
+        wait_healthy(url, [(proc, tmp_path / "server.log")], 120)
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, url, log
 
 
 AUTH = {"Authorization": "Bearer sk-env"}

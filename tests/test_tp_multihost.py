@@ -5,24 +5,18 @@ with an error, bounded by a timeout, instead of hanging."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
+from serve_helpers import free_port
 from test_engine import hf_greedy, make_prompts
 
 WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(model_dir, prompts, max_tokens, *extra, heartbeat=10):
-    port = _free_port()
+    port = free_port()
     procs = []
     for i in range(2):
         env = dict(os.environ, JPAGED_COORDINATOR=f"127.0.0.1:{port}",

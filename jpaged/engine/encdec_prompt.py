@@ -48,15 +48,21 @@ def _lang_id(tokenizer, code, name: str) -> int:
     return int(tid)
 
 
+def unwrap_prompt_dict(part, name: str):
+    """``{"prompt_token_ids": ...}`` or ``{"prompt": ...}`` -> its value (ids
+    win); anything else unchanged. ``name`` names the part in the error."""
+    if not isinstance(part, dict):
+        return part
+    if "prompt_token_ids" in part:
+        return part["prompt_token_ids"]
+    if "prompt" in part:
+        return part["prompt"]
+    raise ValueError(f"{name} needs 'prompt' or 'prompt_token_ids'")
+
+
 def _ids(part, tokenizer, check, name: str, special: bool, src_lang=None):
     """Token ids of one prompt part (string, ids, or a prompt dict)."""
-    if isinstance(part, dict):
-        if "prompt_token_ids" in part:
-            part = part["prompt_token_ids"]
-        elif "prompt" in part:
-            part = part["prompt"]
-        else:
-            raise ValueError(f"{name} needs 'prompt' or 'prompt_token_ids'")
+    part = unwrap_prompt_dict(part, name)
     if isinstance(part, str):
         if not part:
             raise ValueError(f"{name} is empty")

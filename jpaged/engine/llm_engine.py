@@ -40,7 +40,7 @@ from jpaged.distributed.mesh import check_split, make_mesh
 from jpaged.model_loader.loader import load_model
 from jpaged.engine.beam_output import beam_request_output
 from jpaged.engine.faults import FaultInjector
-from jpaged.engine.encdec_prompt import encdec_prompt
+from jpaged.engine.encdec_prompt import encdec_prompt, unwrap_prompt_dict
 from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.engine.recovery import fail_step
 from jpaged.outputs import RequestMetrics, RequestOutput
@@ -379,13 +379,7 @@ class LLMEngine:
                              f"[0, {self.model_config.vocab_size})")
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        prompt = unwrap_prompt_dict(prompt, "a prompt dict")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
