@@ -1,6 +1,6 @@
 """Pure-jnp paged attention: the oracle for every kernel and the CPU backend.
 
-Contract shared by the reference and the Pallas kernels (see DESIGN.md):
+Contract shared by the reference and the Pallas kernels:
 
 * The KV cache of one layer is two arrays ``k_cache, v_cache`` of shape
   ``[num_blocks, block_size, num_kv_heads, head_dim]``. Block 0 is the null
