@@ -11,15 +11,21 @@ into this one pytree, so the model never knows the file format. 4-bit values
 are packed two per byte (element ``2j`` in the low nibble of byte ``j``);
 without a zero point or minimum they are signed (stored value minus 8).
 
-`dense` is the reference path: it dequantizes inside the jitted step
-(float32 arithmetic, then the activation dtype) and lets XLA fuse that into
-the matmul's operand. `quantize_int8`, `quantize_int4` and `quantize_fp8`
+`dense` picks the matmul for a quantized weight (`quant_matmul_backend`):
+the reference path dequantizes inside the jitted step (float32 arithmetic,
+then the activation dtype) and lets XLA fuse that into the matmul's
+operand; on a GPU, for up to `PALLAS_MAX_TOKENS` rows (decode-sized
+batches, where the weight read is the whole cost), the Pallas kernel of
+``jpaged/pallas_kernels/quant_matmul.py`` reads the stored bytes and
+dequantizes them in registers instead. `fp8_w8a8_dense` is the fp8
+tensor-core path (activations quantized per row). `quantize_int8`, `quantize_int4` and `quantize_fp8`
 turn one float tensor (numpy, on the host) into a `QuantizedWeight`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -86,14 +92,64 @@ def dequantize(w, dtype=jnp.float32) -> jax.Array:
     return r.astype(dtype)
 
 
+# Which matmul runs a quantized weight: "auto" (the Pallas kernel on GPUs for
+# decode-sized batches, XLA otherwise), "xla" or "pallas" (on CPU: the Pallas
+# interpreter, for tests). Read when the step is traced.
+QUANT_MATMUL_ENV = "JPAGED_QUANT_MATMUL"
+QUANT_MATMUL_CHOICES = ("auto", "xla", "pallas")
+PALLAS_MAX_TOKENS = 64
+
+
+def quant_matmul_backend(num_tokens: int, x_dtype, w: QuantizedWeight) -> str:
+    """``"pallas"`` or ``"xla"`` for this quantized matmul (see `QUANT_MATMUL_ENV`)."""
+    choice = os.environ.get(QUANT_MATMUL_ENV, "auto").strip().lower() or "auto"
+    if choice not in QUANT_MATMUL_CHOICES:
+        raise ValueError(f"{QUANT_MATMUL_ENV}={choice!r} is not one of "
+                         f"{', '.join(QUANT_MATMUL_CHOICES)}")
+    if choice == "xla":
+        return "xla"
+    from jpaged.pallas_kernels import quant_matmul as qm
+
+    block_n = qm.default_block_n(w.qvalue.shape[0], num_tokens)
+    reason = qm.unsupported_reason((num_tokens, w.shape[1]), x_dtype, w, block_n)
+    if choice == "pallas":
+        if reason is not None:
+            raise ValueError(f"{QUANT_MATMUL_ENV}=pallas: the kernel does not support {reason}")
+        return "pallas"
+    on_gpu = jax.default_backend() == "gpu"
+    return "pallas" if on_gpu and reason is None and num_tokens <= PALLAS_MAX_TOKENS else "xla"
+
+
 def dense(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """``x @ w.T + bias`` for x ``[T, in]`` and a plain or quantized ``[out, in]`` weight."""
+    if is_quantized(w) and quant_matmul_backend(x.shape[0], x.dtype, w) == "pallas":
+        from jpaged.pallas_kernels import quant_matmul as qm
+
+        y = qm.quant_matmul(x, w, interpret=jax.default_backend() != "gpu")
+        return y + bias if bias is not None else y
     if is_quantized(w):
         if w.perm is not None:
             x = x[:, w.perm]  # cheaper than un-permuting the weight's columns
         w = dequantize_stored(w).astype(x.dtype)
     y = jnp.einsum("ti,oi->to", x, w)
     return y + bias if bias is not None else y
+
+
+def fp8_w8a8_dense(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """``x @ w.T`` on fp8 tensor cores: each row of ``x`` scaled to e4m3 by its
+    own absolute maximum, an e4m3 x e4m3 dot accumulated in float32, then both
+    scales applied (W8A8, as vLLM's fp8 path on Hopper). For fp8 weights with one
+    scale per output channel; the activation rounding makes it less exact than
+    the W8A16 paths (relative error about 3e-2)."""
+    if w.qvalue.dtype != jnp.float8_e4m3fn or w.scale.shape[1] != 1 or w.perm is not None:
+        raise ValueError("fp8_w8a8_dense needs e4m3 weights with one scale per output "
+                         f"channel, got {w.qvalue.dtype} with {w.scale.shape[1]} groups")
+    xf = x.astype(jnp.float32)
+    x_scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=1, keepdims=True), 1e-12) / FP8_MAX
+    xq = (xf / x_scale).astype(jnp.float8_e4m3fn)
+    y = jax.lax.dot_general(xq, w.qvalue, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return (y * x_scale * w.scale[:, 0].astype(jnp.float32)[None, :]).astype(x.dtype)
 
 
 def embed(w, ids: jax.Array, dtype) -> jax.Array:
