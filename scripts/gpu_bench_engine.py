@@ -20,6 +20,12 @@ first pass compiles whatever buckets it touches; the second is timed).
 batch 64, async on, no throughput run; prints one ``AB {json}`` line.
 ``--dump-hlo DIR`` dumps the optimized HLO and reports how much of the
 largest module (the step) runs inside command buffers (CUDA graphs).
+``--quant-modes none,int8:xla,int8:pallas,...`` times the steady decode state
+with weights quantized at load (``quantization=``) and the quantized matmul
+forced to XLA's fused dequantize or the Pallas kernel (JPAGED_QUANT_MATMUL),
+one engine per mode, each against its own weights-read floor; one ``QUANT
+{json}`` line per mode and batch (use ``--layers`` to keep the on-the-fly
+quantization of the dummy weights short).
 ``--smoke`` runs tiny shapes on any backend, to check the script itself.
 Exits 2 with one line when no GPU is visible (unless ``--smoke``).
 """
@@ -122,6 +128,43 @@ def command_buffer_report(dump_dir: str) -> str:
             f"({len(ops)} ops)")
 
 
+def quant_modes(args, batches, make_engine, SamplingParams, jax, jnp) -> int:
+    from jpaged.layers.linear import QUANT_MATMUL_ENV
+    from jpaged.model_loader.loader import weight_bytes
+
+    bw = copy_bandwidth(jax, jnp, 1 << 30 if not args.smoke else 1 << 20)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; layers {args.layers}", flush=True)
+    rows = []
+    for mode in args.quant_modes.split(","):
+        quant, _, backend = mode.partition(":")
+        quant = None if quant == "none" else quant
+        os.environ[QUANT_MATMUL_ENV] = backend or "auto"
+        t = time.perf_counter()
+        engine = make_engine(True, quant)
+        load_s = time.perf_counter() - t
+        nbytes = weight_bytes(engine.runner.params)
+        for batch in batches:
+            r = steady_state(engine, batch, args, SamplingParams)
+            r.update(mode=mode, weight_gib=nbytes / 2**30, floor_ms=nbytes / bw * 1e3,
+                     load_s=load_s)
+            rows.append(r)
+            print("QUANT " + json.dumps(r), flush=True)
+        del engine
+        gc.collect()
+    os.environ.pop(QUANT_MATMUL_ENV, None)
+    print("\n| weights:matmul | GiB | batch | device ms/step | wall ms/step | device vs floor |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        dev = r["device_ms"]
+        print(f"| {r['mode']} | {r['weight_gib']:.2f} | {r['batch']} | "
+              f"{dev:.2f} | {r['wall_ms']:.2f} | {dev / r['floor_ms']:.2f}x |"
+              if dev is not None else f"| {r['mode']} | {r['batch']} | - | {r['wall_ms']:.2f} | - |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(copy_gb_s=bw / 1e9, rows=rows), fh, indent=1)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -137,6 +180,8 @@ def main() -> int:
     ap.add_argument("--ab", default=None, help="one A/B arm: batch 64, async on, one line")
     ap.add_argument("--dump-hlo", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quant-modes", default=None,
+                    help="comma list of none | <int8|int4|fp8>:<xla|pallas>")
     args = ap.parse_args()
     if args.dump_hlo:  # before jax reads XLA_FLAGS
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to="
@@ -179,15 +224,21 @@ def main() -> int:
     steady = max(batches) * -(-(args.prompt_len + args.steps + 16) // block_size)
     num_blocks = 1 + max(steady, args.throughput_prompts * blocks_per_seq) + 64
 
-    rows, tput, notes = [], None, []
-    floor_ms = None
-    for async_on in modes:
-        engine = LLMEngine(EngineConfig(
+    def make_engine(async_on: bool, quantization: str | None = None):
+        return LLMEngine(EngineConfig(
             model=path, load_format="dummy", dtype="bfloat16",
             max_model_len=args.max_model_len, max_num_seqs=max(batches),
             max_num_batched_tokens=2048 if not args.smoke else 64, block_size=block_size,
             num_kv_blocks=num_blocks, compile_all_buckets=False, enable_prefix_caching=False,
-            async_scheduling=async_on))
+            async_scheduling=async_on, quantization=quantization))
+
+    if args.quant_modes:
+        return quant_modes(args, batches, make_engine, SamplingParams, jax, jnp)
+
+    rows, tput, notes = [], None, []
+    floor_ms = None
+    for async_on in modes:
+        engine = make_engine(async_on)
         if floor_ms is None:
             params = jax.tree.leaves(engine.runner.params)
             param_bytes = sum(p.size * p.dtype.itemsize for p in params)

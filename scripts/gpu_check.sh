@@ -2,11 +2,16 @@
 # GPU check, one call on a lent GPU machine (JAX 0.11.2 there), under 8 minutes:
 #   1. the Pallas kernel tests ON the GPU (JPAGED_TEST_PLATFORM=cuda: the GPU
 #      class fails, not skips, if JAX sees no GPU)
-#   2. scripts/gpu_bench_kernels.py --quick: copy bandwidth, decode against
+#      (attention kernels and the quantized-weight matmul)
+#   2. scripts/gpu_bench_quant.py: quantized matmuls on 8B projection shapes,
+#      XLA's fused dequantize against the Pallas kernel and fp8 W8A8
+#   3. scripts/gpu_bench_engine.py --quant-modes: the 8B-shaped engine (4
+#      layers) with bf16, int8 and int4 weights, each matmul path
+#   4. scripts/gpu_bench_kernels.py --quick: copy bandwidth, decode against
 #      JAX's bundled kernel and the reference, the decode tuning sweep, ragged
-#   3. scripts/gpu_bench_engine.py: steady-state decode at batch 1/64/256 with
+#   5. scripts/gpu_bench_engine.py: steady-state decode at batch 1/64/256 with
 #      async scheduling on and off, and ShareGPT-like throughput (8B shapes)
-#   4. A/B arms of the batch-64 decode step under XLA flags, each in its own
+#   6. A/B arms of the batch-64 decode step under XLA flags, each in its own
 #      process: default (with an HLO dump: command-buffer coverage), command
 #      buffers off, Triton GEMM off, autotuning off
 # Each stage has its own time limit and is skipped if it would overrun the
@@ -18,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-460}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
 
 backend=$(timeout 120 "$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null | tail -1)
 if [ "$backend" != "gpu" ]; then
@@ -50,7 +55,7 @@ step() {  # step NAME LIMIT_S LOG CMD...
   echo "=== $name (limit ${limit}s) ==="
   timeout -k 10 "$limit" "$@" > "$RUN/$log" 2>&1
   rc=$?
-  tail -n 25 "$RUN/$log"
+  tail -n 32 "$RUN/$log"
   if [ "$rc" -eq 0 ]; then status=ok
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status=TIMEOUT; failed=1
   else status="FAIL(rc=$rc)"; failed=1
@@ -60,10 +65,17 @@ step() {  # step NAME LIMIT_S LOG CMD...
 
 export PYTHONUNBUFFERED=1
 step "kernel tests (GPU)" 100 test_kernels.log env JPAGED_TEST_PLATFORM=cuda \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not Interpret"
-step "kernel bench" 120 bench_kernels.log env OUT="$RUN" BENCH_TIMEOUT_S=115 \
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_quant_matmul.py \
+  -k "not Interpret"
+step "quant matmul bench" 80 bench_quant.log \
+  "$PY" scripts/gpu_bench_quant.py --budget-s 55 --json "$RUN/bench_quant.json"
+step "quant engine bench" 110 bench_quant_engine.log \
+  "$PY" scripts/gpu_bench_engine.py --layers 4 --batches 1,16 \
+  --quant-modes none,int8:xla,int8:pallas,int4:xla,int4:pallas \
+  --json "$RUN/bench_quant_engine.json"
+step "kernel bench" 80 bench_kernels.log env OUT="$RUN" BENCH_TIMEOUT_S=75 \
   "$PY" scripts/gpu_bench_kernels.py --quick
-step "engine bench" 140 bench_engine.log \
+step "engine bench" 110 bench_engine.log \
   "$PY" scripts/gpu_bench_engine.py --json "$RUN/bench_engine.json"
 # XLA flag names as in jax 0.11.2's XLA; an unknown flag aborts that arm only.
 ab() {  # ab NAME XLA_FLAGS [extra args]
@@ -82,7 +94,9 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$RUN/summary.txt" "$OUT/gpu_check_summary.txt"
   [ -f "$RUN/bench_kernels.json" ] && cp "$RUN/bench_kernels.json" "$OUT/"
-  [ -f "$RUN/bench_engine.json" ] && cp "$RUN/bench_engine.json" "$OUT/"
+  for f in bench_engine.json bench_quant.json bench_quant_engine.json; do
+    [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"
+  done
   tar -C "$RUN" --exclude=hlo -czf "$OUT/gpu_check_logs.tar.gz" .
 fi
 echo "logs: $RUN${OUT:+ (copied to $OUT)}"

@@ -58,6 +58,11 @@ def gpu_run(tmp_path_factory):
                            str(run / "bench_engine.json")], run)
     logs["ab"] = _run(["scripts/gpu_bench_engine.py", "--smoke", "--ab", "default",
                        "--dump-hlo", str(run / "hlo")], run)
+    logs["quant"] = _run(["scripts/gpu_bench_quant.py", "--smoke", "--json",
+                          str(run / "bench_quant.json")], run)
+    logs["quant_engine"] = _run(["scripts/gpu_bench_engine.py", "--smoke", "--quant-modes",
+                                 "none,int8:xla,int8:pallas", "--json",
+                                 str(run / "bench_quant_engine.json")], run)
     (run / "ab_default.log").write_text(logs["ab"])
     (run / "env.txt").write_text("python 3, jax 0, cpu (smoke)\n")
     (run / "stages.tsv").write_text("kernel bench\tok\t38\nA/B no_triton_gemm\tSKIPPED(time)\t0\n")
@@ -90,6 +95,21 @@ def test_gpu_bench_engine_smoke_steady_state(gpu_run):
         assert all(r["device_ms"] > 0 for r in data["steady"])
     ab = [ln for ln in logs["ab"].splitlines() if ln.startswith("AB ")]
     assert len(ab) == 1 and json.loads(ab[0][3:])["command_buffers"].startswith("ENTRY:")
+
+
+def test_gpu_bench_quant_smoke(gpu_run):
+    run, logs = gpu_run
+    rows = json.loads((run / "bench_quant.json").read_text())["rows"]
+    checks = {r["path"]: r["rel_err"] for r in rows if r["kind"] == "check"}
+    assert set(checks) == {"bf16", "xla/int8", "pallas/int8", "xla/int4", "pallas/int4",
+                           "xla/fp8", "pallas/fp8", "fp8_w8a8"}
+    assert max(v for k, v in checks.items() if k != "fp8_w8a8") < 2e-2
+    assert "| tiny | 32 |" in logs["quant"] and "sweep best tiny T=1 pallas/int4" in logs["quant"]
+    out = logs["quant_engine"]
+    assert "| int8:pallas | 0.00 | 4 |" in out
+    modes = json.loads((run / "bench_quant_engine.json").read_text())["rows"]
+    assert [r["mode"] for r in modes] == ["none", "none", "int8:xla", "int8:xla",
+                                          "int8:pallas", "int8:pallas"]
 
 
 def test_gpu_summary_table(gpu_run):

@@ -93,8 +93,9 @@ def dequantize(w, dtype=jnp.float32) -> jax.Array:
 
 
 # Which matmul runs a quantized weight: "auto" (the Pallas kernel on GPUs for
-# decode-sized batches, XLA otherwise), "xla" or "pallas" (on CPU: the Pallas
-# interpreter, for tests). Read when the step is traced.
+# decode-sized batches, XLA otherwise), "xla", or "pallas" (at every batch
+# size; on CPU through the Pallas interpreter, for tests). Shapes and layouts
+# the kernel does not take always go to XLA. Read when the step is traced.
 QUANT_MATMUL_ENV = "JPAGED_QUANT_MATMUL"
 QUANT_MATMUL_CHOICES = ("auto", "xla", "pallas")
 PALLAS_MAX_TOKENS = 64
@@ -112,12 +113,12 @@ def quant_matmul_backend(num_tokens: int, x_dtype, w: QuantizedWeight) -> str:
 
     block_n = qm.default_block_n(w.qvalue.shape[0], num_tokens)
     reason = qm.unsupported_reason((num_tokens, w.shape[1]), x_dtype, w, block_n)
+    if reason is not None:
+        return "xla"
     if choice == "pallas":
-        if reason is not None:
-            raise ValueError(f"{QUANT_MATMUL_ENV}=pallas: the kernel does not support {reason}")
         return "pallas"
     on_gpu = jax.default_backend() == "gpu"
-    return "pallas" if on_gpu and reason is None and num_tokens <= PALLAS_MAX_TOKENS else "xla"
+    return "pallas" if on_gpu and num_tokens <= PALLAS_MAX_TOKENS else "xla"
 
 
 def dense(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
