@@ -225,3 +225,13 @@ def test_engine_runs_the_kernel(monkeypatch, llama_dir):
     assert bool(calls) == (choice == "pallas"), (choice, calls)
     del llm
   assert tokens["pallas"] == tokens["xla"]
+
+
+@pytest.mark.parametrize("layout", ["int8", "int4", "q4_1"])
+def test_lowers_for_h100_at_model_widths(layout):
+  # Row widths that are not powers of two (SmolLM2's 576 and 1536, Llama-3-8B's
+  # 14336): the kernel's ref spans the whole row; only its loaded tiles must be
+  # powers of two.
+  for n in (576, 1536, 14336):
+    w = make_weight(layout, 192, n)
+    lower_for_h100(lambda x, w: qm.quant_matmul(x, w), jax.ShapeDtypeStruct((3, n), jnp.bfloat16), w)
