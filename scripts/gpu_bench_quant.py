@@ -132,25 +132,30 @@ def main() -> int:
         break
       x = jnp.asarray(rng.standard_normal((t, n)), jnp.bfloat16)
       for name, (mm, ws, bpw) in paths.items():
+        if time.perf_counter() - t_start > args.budget_s:
+          out_of_time = True
+          break
         sec = time_fn(over_copies(mm), x, ws)
         emit(kind="time", shape=shape_name, tokens=t, path=name, us=sec * 1e6,
              weight_gb_s=out * n * bpw / sec / 1e9, tflops=2 * t * out * n / sec / 1e12)
       if t in sweep_tokens:
         for m, ws in qws.items():
-          for bn, warps in ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8)):
-            if out % bn:
+          # (block_n, num_warps, num_splits); None: the default split.
+          for bn, warps, splits in ((32, 4, None), (64, 4, None), (128, 4, None),
+                                    (128, 8, None), (32, 4, 1), (64, 4, 4), (128, 4, 8)):
+            if out % bn or time.perf_counter() - t_start > args.budget_s:
               continue
             if True:
-              f = over_copies(lambda x, w, bn=bn, warps=warps: qm.quant_matmul(
-                  x, w, block_n=bn, num_warps=warps, interpret=interpret))
+              f = over_copies(lambda x, w, bn=bn, warps=warps, splits=splits: qm.quant_matmul(
+                  x, w, block_n=bn, num_warps=warps, num_splits=splits, interpret=interpret))
               try:
                 sec = time_fn(f, x, ws)
               except Exception as e:  # noqa: BLE001 - a config Triton rejects: report it
                 emit(kind="sweep", shape=shape_name, tokens=t, path=f"pallas/{m}",
-                     block_n=bn, num_warps=warps, error=str(e)[:200])
+                     block_n=bn, num_warps=warps, num_splits=splits, error=str(e)[:200])
                 continue
               emit(kind="sweep", shape=shape_name, tokens=t, path=f"pallas/{m}",
-                   block_n=bn, num_warps=warps, us=sec * 1e6,
+                   block_n=bn, num_warps=warps, num_splits=splits, us=sec * 1e6,
                    weight_gb_s=out * n * ws[0].nbytes / (out * n) / sec / 1e9)
     del bf16_ws, qws, paths
 
@@ -175,6 +180,7 @@ def main() -> int:
   for (s, t, p), r in sorted(best.items()):
     d = times.get((s, t, p))
     print(f"sweep best {s} T={t} {p}: block_n={r['block_n']} num_warps={r['num_warps']} "
+          f"num_splits={r['num_splits'] or 'default'} "
           f"{r['us']:.1f} us" + (f" (default tiles {d['us']:.1f} us)" if d else ""))
   bad = [r for r in rows if r["kind"] == "check" and (not r["finite"] or r["rel_err"] > (
       6e-2 if r["path"] == "fp8_w8a8" else 2e-2))]

@@ -19,11 +19,15 @@
 # of every log, to $OUT when set (the device tool brings back 8 files at most).
 # Exits 2 at once, with one line, when JAX sees no GPU; else 1 if a stage
 # failed or timed out.
-#   usage: bash scripts/gpu_check.sh        (PYTHON=... to pick the interpreter)
+#   usage: bash scripts/gpu_check.sh [all|quant|engine]   (default all;
+#          quant = stages 1-3, engine = stages 4-6; PYTHON=... picks the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
+PART="${1:-all}"
+case "$PART" in all|quant|engine) ;; *) echo "gpu_check: unknown part '$PART' (all, quant or engine)" >&2; exit 2;; esac
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-480}"
 
 backend=$(timeout 120 "$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null | tail -1)
 if [ "$backend" != "gpu" ]; then
@@ -64,15 +68,18 @@ step() {  # step NAME LIMIT_S LOG CMD...
 }
 
 export PYTHONUNBUFFERED=1
+if [ "$PART" != engine ]; then
 step "kernel tests (GPU)" 100 test_kernels.log env JPAGED_TEST_PLATFORM=cuda \
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_quant_matmul.py \
   -k "not Interpret"
-step "quant matmul bench" 80 bench_quant.log \
-  "$PY" scripts/gpu_bench_quant.py --budget-s 55 --json "$RUN/bench_quant.json"
+step "quant matmul bench" 100 bench_quant.log \
+  "$PY" scripts/gpu_bench_quant.py --budget-s 75 --json "$RUN/bench_quant.json"
 step "quant engine bench" 110 bench_quant_engine.log \
   "$PY" scripts/gpu_bench_engine.py --layers 4 --batches 1,16 \
   --quant-modes none,int8:xla,int8:pallas,int4:xla,int4:pallas \
   --json "$RUN/bench_quant_engine.json"
+fi
+if [ "$PART" != quant ]; then
 step "kernel bench" 80 bench_kernels.log env OUT="$RUN" BENCH_TIMEOUT_S=75 \
   "$PY" scripts/gpu_bench_kernels.py --quick
 step "engine bench" 110 bench_engine.log \
@@ -87,6 +94,7 @@ ab default "" --dump-hlo "$RUN/hlo"
 ab no_cmd_buffers "--xla_gpu_enable_command_buffer="
 ab no_triton_gemm "--xla_gpu_enable_triton_gemm=false"
 ab autotune_0 "--xla_gpu_autotune_level=0"
+fi
 
 echo
 "$PY" scripts/gpu_summary.py "$RUN" | tee "$RUN/summary.txt"

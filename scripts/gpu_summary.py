@@ -87,6 +87,15 @@ def summary(run: str) -> str:
             out.append(f"  throughput: {t['tok_s']:.0f} output tok/s ({t['requests']} requests, "
                        f"{t['compiles']} compiles in the timed pass)")
 
+    # The quantized-matmul and quantized-engine tables, as their scripts print them.
+    for log, title in (("bench_quant.log", "quantized matmuls, us per matmul (weight GB/s):"),
+                       ("bench_quant_engine.log", "engine with quantized weights (4 layers):")):
+        lines = [ln for ln in (_read(os.path.join(run, log)) or "").splitlines()
+                 if ln.startswith(("| ", "sweep best", "CHECK FAILED", "copy bandwidth"))]
+        if lines:
+            out.append(title)
+            out.extend("  " + ln for ln in lines)
+
     arms = []
     for path in sorted(glob.glob(os.path.join(run, "ab_*.log"))):
         lines = [ln for ln in (_read(path) or "").splitlines() if ln.startswith("AB ")]

@@ -109,6 +109,13 @@ class TestQuantMatmulInterpret:
     check("int4", tokens, jnp.float32, True, block_n=32)
     check("int8", tokens, jnp.float32, True, block_n=128)
 
+  @pytest.mark.parametrize("layout", ["int8", "q4_1", "gptq_act_order"])
+  def test_split_k(self, layout):
+    # 3 splits of 4 (int8) or 16 (4-bit) tiles: uneven, the last split may be empty.
+    check(layout, 2, jnp.float32, True, num_splits=3)
+    check(layout, 2, jnp.bfloat16, True, num_splits=16)
+    assert qm.default_num_splits(8, 112) == 28 and qm.default_num_splits(448, 112) == 1
+
   def test_unsupported_layouts_are_refused(self):
     w = make_weight("int8", 96, 512)  # 96 output channels: no block of 64 divides
     x = jnp.ones((2, 512), jnp.float32)

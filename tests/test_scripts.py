@@ -67,6 +67,8 @@ def gpu_run(tmp_path_factory):
     (run / "env.txt").write_text("python 3, jax 0, cpu (smoke)\n")
     (run / "stages.tsv").write_text("kernel bench\tok\t38\nA/B no_triton_gemm\tSKIPPED(time)\t0\n")
     (run / "test_kernels.log").write_text("....\n46 passed in 12.3s\n")
+    (run / "bench_quant.log").write_text(logs["quant"])
+    (run / "bench_quant_engine.log").write_text(logs["quant_engine"])
     return run, logs
 
 
@@ -120,7 +122,9 @@ def test_gpu_summary_table(gpu_run):
     out = proc.stdout
     for needle in ("kernel tests on the GPU: 46 passed", "decode sweep best: pages",
                    "engine steady state", "throughput:", "A/B no_triton_gemm",
-                   "SKIPPED(time)", "default ", "command buffers: ENTRY:"):
+                   "SKIPPED(time)", "default ", "command buffers: ENTRY:",
+                   "quantized matmuls, us per matmul", "| tiny | 32 |",
+                   "engine with quantized weights", "| int8:pallas | 0.00 | 4 |"):
         assert needle in out, (needle, out)
 
 

@@ -9,9 +9,12 @@ device memory in its stored form (1 or 1/2 byte per weight) and turned into
 the activation dtype in registers just before the tensor-core dot, so a
 decode step reads a quarter (int4) or half (int8/fp8) of the bf16 bytes.
 
-Layout of the work: the grid is ``(T / block_t, out / block_n)``; each program
-loops over the input dimension one tile at a time and keeps a float32
-``[block_t, block_n]`` accumulator.
+Layout of the work: the grid is ``(T / block_t, out / block_n, splits)``;
+each program loops over its share of the input dimension one tile at a time
+and keeps a float32 ``[block_t, block_n]`` accumulator. With one split it
+writes the output tile; with several (decode-sized T, where the output tiles
+alone are too few programs to keep every multiprocessor reading the weight)
+each writes float32 partials that one XLA reduction adds.
 
 - One scale per output channel (``group_size == in``): the integer tile is
   upcast as is (int8 and e4m3 values are exact in bf16 and fp16) and the
@@ -56,7 +59,7 @@ def _dot(a, b):
 
 
 def _kernel(*refs, bits: int, block_k: int, per_channel: bool, has_zero: bool,
-            has_min: bool, act_dtype):
+            has_min: bool, act_dtype, num_splits: int):
   if bits == 4:
     xe_ref, xo_ref, q_ref, s_ref, *rest = refs
   else:
@@ -68,6 +71,10 @@ def _kernel(*refs, bits: int, block_k: int, per_channel: bool, has_zero: bool,
   block_n = o_ref.shape[1]
   k_total = q_ref.shape[1]  # stored columns (packed bytes for 4-bit)
   num_iters = k_total // block_k
+  # Split-K: program (i, j, s) covers tiles [s * per_split, (s + 1) * per_split).
+  per_split = pl.cdiv(num_iters, num_splits)
+  first = pl.program_id(2) * per_split
+  last = jnp.minimum(first + per_split, num_iters)
 
   def dequant(q, g):
     """A stored ``[block_n, block_k]`` tile of group ``g`` as ``act_dtype``."""
@@ -92,7 +99,7 @@ def _kernel(*refs, bits: int, block_k: int, per_channel: bool, has_zero: bool,
       return acc + _dot(xe_ref[:, cols], lo) + _dot(xo_ref[:, cols], hi)
     return acc + _dot(x_ref[:, cols], dequant(q, i))
 
-  acc = lax.fori_loop(0, num_iters, body, jnp.zeros((block_t, block_n), jnp.float32))
+  acc = lax.fori_loop(first, last, body, jnp.zeros((block_t, block_n), jnp.float32))
   if per_channel:
     acc = acc * s_ref[0, :].astype(jnp.float32)[None, :]
   o_ref[...] = acc.astype(o_ref.dtype)
@@ -137,11 +144,24 @@ def default_block_n(out: int, num_tokens: int) -> int:
   return 16
 
 
+# Programs that keep every multiprocessor of an H100 (132) busy about twice.
+_TARGET_PROGRAMS = 264
+
+
+def default_num_splits(num_programs: int, num_iters: int) -> int:
+  """Split-K factor: enough programs for the GPU when the output tiles alone are
+  too few (decode-sized T on a narrow projection), never more than the tiles
+  along K, each split keeping at least 4 of them."""
+  if num_programs >= _TARGET_PROGRAMS:
+    return 1
+  return max(1, min(pl.cdiv(_TARGET_PROGRAMS, num_programs), num_iters // 4))
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "block_t", "block_n", "num_warps", "num_stages", "interpret", "out_dtype"))
+    "block_t", "block_n", "num_splits", "num_warps", "num_stages", "interpret", "out_dtype"))
 def quant_matmul(x: jax.Array, w, *, block_t: int | None = None, block_n: int | None = None,
-                 num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
-                 out_dtype=None) -> jax.Array:
+                 num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                 interpret: bool = False, out_dtype=None) -> jax.Array:
   """``x @ dequantize(w).T`` for x ``[T, in]`` and a `QuantizedWeight` ``[out, in]``.
 
   Args:
@@ -151,6 +171,9 @@ def quant_matmul(x: jax.Array, w, *, block_t: int | None = None, block_n: int | 
     block_t: rows of ``x`` per program (a power of two >= 16; default: the
       smallest that covers ``T``, at most 64).
     block_n: output channels per program (default: `default_block_n`).
+    num_splits: programs sharing one output tile along the input dimension,
+      their float32 partial sums added after the kernel (default:
+      `default_num_splits`).
     num_warps, num_stages: Triton launch parameters.
     interpret: run the Pallas interpreter (CPU) instead of Triton.
     out_dtype: result dtype (default ``x.dtype``).
@@ -181,20 +204,38 @@ def quant_matmul(x: jax.Array, w, *, block_t: int | None = None, block_n: int | 
   block_k = kernel_block_k(w)
   stored = w.qvalue.shape[1]
 
-  x_spec = pl.BlockSpec((block_t, stored), lambda i, j: (i, 0))
-  in_specs = [x_spec] * len(xs) + [pl.BlockSpec((block_n, stored), lambda i, j: (j, 0))]
-  in_specs += [pl.BlockSpec((groups, block_n), lambda i, j: (0, j))] * len(extras)
+  num_iters = stored // block_k
+  grid = (t_pad // block_t, out // block_n)
+  if num_splits is None:
+    num_splits = default_num_splits(grid[0] * grid[1], num_iters)
+  num_splits = max(1, min(num_splits, num_iters))
+  split = num_splits > 1
+
+  x_spec = pl.BlockSpec((block_t, stored), lambda i, j, s: (i, 0))
+  in_specs = [x_spec] * len(xs) + [pl.BlockSpec((block_n, stored), lambda i, j, s: (j, 0))]
+  in_specs += [pl.BlockSpec((groups, block_n), lambda i, j, s: (0, j))] * len(extras)
   kernel = functools.partial(
       _kernel, bits=w.bits, block_k=block_k, per_channel=per_channel,
-      has_zero=w.zero is not None, has_min=w.min is not None, act_dtype=x.dtype)
+      has_zero=w.zero is not None, has_min=w.min is not None, act_dtype=x.dtype,
+      num_splits=num_splits)
+  out_dtype = out_dtype or x.dtype
+  if split:  # float32 partials [splits, T, out], summed below
+    out_shape = jax.ShapeDtypeStruct((num_splits, t_pad, out), jnp.float32)
+    out_spec = pl.BlockSpec((None, block_t, block_n), lambda i, j, s: (s, i, j))
+  else:
+    out_shape = jax.ShapeDtypeStruct((t_pad, out), out_dtype)
+    out_spec = pl.BlockSpec((block_t, block_n), lambda i, j, s: (i, j))
   y = pl.pallas_call(
       kernel,
-      grid=(t_pad // block_t, out // block_n),
+      grid=(*grid, num_splits),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((block_t, block_n), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((t_pad, out), out_dtype or x.dtype),
+      out_specs=out_spec,
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-      name=f"quant_matmul_w{w.bits}_{'pc' if per_channel else f'g{w.group_size}'}",
+      name=f"quant_matmul_w{w.bits}_{'pc' if per_channel else f'g{w.group_size}'}"
+           f"{f'_s{num_splits}' if split else ''}",
   )(*xs, w.qvalue, *extras)
+  if split:
+    y = y.sum(axis=0).astype(out_dtype)
   return y[:num_tokens]
