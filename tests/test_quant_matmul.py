@@ -89,7 +89,8 @@ def check(layout, tokens, dtype, interpret, out=256, n=512, **kw):
   x = jnp.asarray(np.random.default_rng(tokens + 1).standard_normal((tokens, n)), dtype)
   y = qm.quant_matmul(x, w, interpret=interpret, **kw)
   assert y.shape == (tokens, out) and y.dtype == dtype
-  ref = linear.dense(x.astype(jnp.float32), w)
+  with jax.default_matmul_precision("highest"):  # XLA on GPUs: TF32 otherwise
+    ref = linear.dense(x.astype(jnp.float32), w)
   err = rel_err(y, ref)
   assert err < RTOL[dtype], f"{layout} T={tokens} {jnp.dtype(dtype).name}: rel err {err:.2e}"
 
@@ -242,3 +243,29 @@ def test_lowers_for_h100_at_model_widths(layout):
   for n in (576, 1536, 14336):
     w = make_weight(layout, 192, n)
     lower_for_h100(lambda x, w: qm.quant_matmul(x, w), jax.ShapeDtypeStruct((3, n), jnp.bfloat16), w)
+
+
+def test_auto_policy_on_a_gpu(monkeypatch):
+  """What "auto" picks on an H100 (the GPU faked: only the decision is traced)."""
+  monkeypatch.setattr(linear.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(linear, "_gpu_has_fp8_dots", lambda: True)
+  monkeypatch.delenv(linear.QUANT_MATMUL_ENV, raising=False)
+  pick = lambda layout, t: linear.quant_matmul_backend(  # noqa: E731
+      t, jnp.bfloat16, make_weight(layout, 256, 512))
+  assert [pick("int8", t) for t in (1, 256, 257)] == ["pallas", "pallas", "xla"]
+  assert [pick("q4_1", t) for t in (1, 256, 2048)] == ["pallas", "pallas", "xla"]
+  assert [pick("fp8", t) for t in (1, 64, 127, 128, 2048)] == [
+      "pallas", "pallas", "pallas", "fp8_w8a8", "fp8_w8a8"]
+  monkeypatch.setattr(linear, "_gpu_has_fp8_dots", lambda: False)  # e.g. an A100
+  assert pick("fp8", 2048) == "xla"
+  monkeypatch.setenv(linear.QUANT_MATMUL_ENV, "fp8_w8a8")
+  assert pick("fp8", 1) == "fp8_w8a8" and pick("int8", 1) == "xla"
+
+
+def test_dense_fp8_w8a8_path(monkeypatch):
+  w = make_weight("fp8", 256, 512)
+  x = jnp.asarray(np.random.default_rng(9).standard_normal((8, 512)), jnp.float32)
+  monkeypatch.setenv(linear.QUANT_MATMUL_ENV, "fp8_w8a8")
+  y = linear.dense(x, w, jnp.ones((256,), jnp.float32))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(linear.fp8_w8a8_dense(x, w)) + 1.0,
+                             rtol=1e-6)

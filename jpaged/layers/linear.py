@@ -13,12 +13,12 @@ without a zero point or minimum they are signed (stored value minus 8).
 
 `dense` picks the matmul for a quantized weight (`quant_matmul_backend`):
 the reference path dequantizes inside the jitted step (float32 arithmetic,
-then the activation dtype) and lets XLA fuse that into the matmul's
-operand; on a GPU, for up to `PALLAS_MAX_TOKENS` rows (decode-sized
-batches, where the weight read is the whole cost), the Pallas kernel of
+then the activation dtype) and leaves the fusion to XLA (which, on an H100,
+materialises the dequantized weight: 2.3x slower than bf16 for a decode
+step); on a GPU, for up to `PALLAS_MAX_TOKENS` rows, the Pallas kernel of
 ``jpaged/pallas_kernels/quant_matmul.py`` reads the stored bytes and
-dequantizes them in registers instead. `fp8_w8a8_dense` is the fp8
-tensor-core path (activations quantized per row). `quantize_int8`, `quantize_int4` and `quantize_fp8`
+dequantizes them in registers instead; fp8 weights in prefill-sized batches
+run on fp8 tensor cores (`fp8_w8a8_dense`, activations quantized per row). `quantize_int8`, `quantize_int4` and `quantize_fp8`
 turn one float tensor (numpy, on the host) into a `QuantizedWeight`.
 """
 
@@ -92,47 +92,77 @@ def dequantize(w, dtype=jnp.float32) -> jax.Array:
     return r.astype(dtype)
 
 
-# Which matmul runs a quantized weight: "auto" (the Pallas kernel on GPUs for
-# decode-sized batches, XLA otherwise), "xla", or "pallas" (at every batch
-# size; on CPU through the Pallas interpreter, for tests). Shapes and layouts
-# the kernel does not take always go to XLA. Read when the step is traced.
+# Which matmul runs a quantized weight, read when the step is traced:
+#   auto      on GPUs, the Pallas kernel for up to PALLAS_MAX_TOKENS rows and,
+#             above FP8_W8A8_MIN_TOKENS rows, fp8 weights on fp8 tensor cores
+#             where the GPU has them (compute capability 8.9+); XLA otherwise
+#             (and always on CPUs)
+#   xla       the fused dequantize + matmul at every size
+#   pallas    the Pallas kernel at every size (on CPUs its interpreter, for tests)
+#   fp8_w8a8  fp8 weights on fp8 tensor cores at every size
+# A weight the chosen path cannot take (a layout or shape the kernel does not
+# support; a non-fp8 weight for fp8_w8a8) goes to XLA.
+# Thresholds from scripts/gpu_bench_quant.py on an H100 (BENCHMARKS.md): the
+# kernel beat XLA at every T <= 256 (int8 at T=1: 49 us against 148) and lost
+# at 2048; fp8 tensor cores beat the kernel at T >= 256, lost at 16 and 64.
 QUANT_MATMUL_ENV = "JPAGED_QUANT_MATMUL"
-QUANT_MATMUL_CHOICES = ("auto", "xla", "pallas")
-PALLAS_MAX_TOKENS = 64
+QUANT_MATMUL_CHOICES = ("auto", "xla", "pallas", "fp8_w8a8")
+PALLAS_MAX_TOKENS = 256
+FP8_W8A8_MIN_TOKENS = 128
+
+
+def _gpu_has_fp8_dots() -> bool:
+    dev = jax.devices()[0]
+    try:
+        return dev.platform == "gpu" and float(getattr(dev, "compute_capability", 0)) >= 8.9
+    except (TypeError, ValueError):
+        return False
+
+
+def _fp8_w8a8_applies(w: QuantizedWeight) -> bool:
+    return (w.qvalue.dtype == jnp.float8_e4m3fn and w.scale.shape[1] == 1
+            and w.perm is None)
 
 
 def quant_matmul_backend(num_tokens: int, x_dtype, w: QuantizedWeight) -> str:
-    """``"pallas"`` or ``"xla"`` for this quantized matmul (see `QUANT_MATMUL_ENV`)."""
+    """``"pallas"``, ``"fp8_w8a8"`` or ``"xla"`` for this quantized matmul
+    (see `QUANT_MATMUL_ENV`)."""
     choice = os.environ.get(QUANT_MATMUL_ENV, "auto").strip().lower() or "auto"
     if choice not in QUANT_MATMUL_CHOICES:
         raise ValueError(f"{QUANT_MATMUL_ENV}={choice!r} is not one of "
                          f"{', '.join(QUANT_MATMUL_CHOICES)}")
     if choice == "xla":
         return "xla"
+    if choice == "fp8_w8a8":
+        return "fp8_w8a8" if _fp8_w8a8_applies(w) else "xla"
     from jpaged.pallas_kernels import quant_matmul as qm
 
     block_n = qm.default_block_n(w.qvalue.shape[0], num_tokens)
-    reason = qm.unsupported_reason((num_tokens, w.shape[1]), x_dtype, w, block_n)
-    if reason is not None:
-        return "xla"
+    kernel_ok = qm.unsupported_reason((num_tokens, w.shape[1]), x_dtype, w, block_n) is None
     if choice == "pallas":
-        return "pallas"
-    on_gpu = jax.default_backend() == "gpu"
-    return "pallas" if on_gpu and num_tokens <= PALLAS_MAX_TOKENS else "xla"
+        return "pallas" if kernel_ok else "xla"
+    if jax.default_backend() != "gpu":
+        return "xla"
+    if num_tokens >= FP8_W8A8_MIN_TOKENS and _fp8_w8a8_applies(w) and _gpu_has_fp8_dots():
+        return "fp8_w8a8"
+    return "pallas" if kernel_ok and num_tokens <= PALLAS_MAX_TOKENS else "xla"
 
 
 def dense(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """``x @ w.T + bias`` for x ``[T, in]`` and a plain or quantized ``[out, in]`` weight."""
-    if is_quantized(w) and quant_matmul_backend(x.shape[0], x.dtype, w) == "pallas":
+    path = quant_matmul_backend(x.shape[0], x.dtype, w) if is_quantized(w) else "xla"
+    if path == "pallas":
         from jpaged.pallas_kernels import quant_matmul as qm
 
         y = qm.quant_matmul(x, w, interpret=jax.default_backend() != "gpu")
-        return y + bias if bias is not None else y
-    if is_quantized(w):
-        if w.perm is not None:
-            x = x[:, w.perm]  # cheaper than un-permuting the weight's columns
-        w = dequantize_stored(w).astype(x.dtype)
-    y = jnp.einsum("ti,oi->to", x, w)
+    elif path == "fp8_w8a8":
+        y = fp8_w8a8_dense(x, w)
+    else:
+        if is_quantized(w):
+            if w.perm is not None:
+                x = x[:, w.perm]  # cheaper than un-permuting the weight's columns
+            w = dequantize_stored(w).astype(x.dtype)
+        y = jnp.einsum("ti,oi->to", x, w)
     return y + bias if bias is not None else y
 
 
