@@ -69,9 +69,13 @@ step() {  # step NAME LIMIT_S LOG CMD...
 
 export PYTHONUNBUFFERED=1
 if [ "$PART" != engine ]; then
-step "kernel tests (GPU)" 100 test_kernels.log env JPAGED_TEST_PLATFORM=cuda \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_quant_matmul.py \
-  -k "not Interpret"
+# Compiles dominate: 8 pytest workers (pytest-xdist, where installed) sharing
+# the GPU without preallocation; failures are written as they happen.
+XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
+step "kernel tests (GPU)" 170 test_kernels.log env JPAGED_TEST_PLATFORM=cuda \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JPAGED_TEST_INSTAFAIL="$RUN/test_failures.txt" \
+  "$PY" -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels.py \
+  tests/test_quant_matmul.py -k "not Interpret" --tb=short -rf -W ignore::Warning
 step "quant matmul bench" 100 bench_quant.log \
   "$PY" scripts/gpu_bench_quant.py --budget-s 75 --json "$RUN/bench_quant.json"
 step "quant engine bench" 110 bench_quant_engine.log \
@@ -102,7 +106,7 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$RUN/summary.txt" "$OUT/gpu_check_summary.txt"
   [ -f "$RUN/bench_kernels.json" ] && cp "$RUN/bench_kernels.json" "$OUT/"
-  for f in bench_engine.json bench_quant.json bench_quant_engine.json; do
+  for f in bench_engine.json bench_quant.json bench_quant_engine.json test_failures.txt; do
     [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"
   done
   tar -C "$RUN" --exclude=hlo -czf "$OUT/gpu_check_logs.tar.gz" .

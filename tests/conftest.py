@@ -23,6 +23,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+def pytest_runtest_logreport(report):
+    """``JPAGED_TEST_INSTAFAIL=<file>`` (or ``=1``, stderr): write each failure's
+    traceback when it happens, not at the end of the session, so that a run
+    cut short by a time limit (a lent GPU's lease) still says why it failed."""
+    dest = os.environ.get("JPAGED_TEST_INSTAFAIL", "")
+    if not dest or not report.failed:
+        return
+    text = f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n"
+    if dest == "1":
+        import sys
+
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    else:
+        with open(dest, "a") as fh:
+            fh.write(text)
+
+
 def gpu_requested() -> bool:
     """True when this session was explicitly asked to run on a GPU platform."""
     return bool(_GPU_PLATFORMS & set(os.environ["JAX_PLATFORMS"].lower().split(",")))

@@ -174,7 +174,8 @@ def test_dense_dispatch(monkeypatch, layout):
     return (lambda x: linear.dense(x, w, bias))(x)
   monkeypatch.setenv(linear.QUANT_MATMUL_ENV, "xla")
   assert not _has_pallas_call(f, x)
-  ref = f(x)
+  with jax.default_matmul_precision("highest"):  # XLA on GPUs: TF32 otherwise
+    ref = f(x)
   monkeypatch.setenv(linear.QUANT_MATMUL_ENV, "pallas")  # on CPU: the interpreter
   assert _has_pallas_call(f, x)
   assert rel_err(f(x), ref) < 1e-5
@@ -209,10 +210,8 @@ def test_fp8_w8a8_dense():
 
 
 def test_engine_runs_the_kernel(monkeypatch, llama_dir):
-  """An int8 model in the engine: the step calls the kernel when asked (here the
-  interpreter) and decodes the same greedy tokens as XLA's fused path."""
-  from jpaged import LLM, SamplingParams
-
+  """An int8 model in the engine: the step calls the kernel when asked (the
+  interpreter on CPU) and decodes the same greedy tokens as XLA's fused path."""
   calls = []
   original = qm.quant_matmul
 
@@ -222,6 +221,20 @@ def test_engine_runs_the_kernel(monkeypatch, llama_dir):
 
   monkeypatch.setattr(qm, "quant_matmul", counting)
   tokens = {}
+  # float32 model: XLA's own dots must be IEEE too on a GPU (TF32 by default);
+  # set globally, not as a context, which warm-up threads would not see.
+  before = jax.config.jax_default_matmul_precision
+  jax.config.update("jax_default_matmul_precision", "highest")
+  try:
+    _generate_both(monkeypatch, llama_dir, calls, tokens)
+  finally:
+    jax.config.update("jax_default_matmul_precision", before)
+  assert tokens["pallas"] == tokens["xla"]
+
+
+def _generate_both(monkeypatch, llama_dir, calls, tokens):
+  from jpaged import LLM, SamplingParams
+
   for choice in ("xla", "pallas"):
     monkeypatch.setenv(linear.QUANT_MATMUL_ENV, choice)
     llm = LLM(model=llama_dir, quantization="int8", max_num_seqs=2,
@@ -232,7 +245,6 @@ def test_engine_runs_the_kernel(monkeypatch, llama_dir):
     tokens[choice] = [o.outputs[0].token_ids for o in outs]
     assert bool(calls) == (choice == "pallas"), (choice, calls)
     del llm
-  assert tokens["pallas"] == tokens["xla"]
 
 
 @pytest.mark.parametrize("layout", ["int8", "int4", "q4_1"])
