@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     chat.add_argument("--system", default=None, help="a system message")
     chat.add_argument("--chat-template", default=None, help="override the model's template")
     add_engine_args(chat)
+    chat.set_defaults(background_warmup=True)  # the first message comes after typing
     add_sampling_args(chat)
     try:
         from jpaged.serve.args import add_serve_args
@@ -179,6 +180,7 @@ def main(argv=None) -> int:
     if add_serve_args is not None:
         srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
         add_engine_args(srv)
+        srv.set_defaults(background_warmup=True)  # healthy after two buckets
         add_serve_args(srv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),

@@ -190,9 +190,14 @@ class LLMEngine:
                                   self.eos_token_ids, self.mesh)
         start = time.perf_counter()
         if config.compile_all_buckets:
-            self.runner.warmup()
-        logger.info("warm-up: %d compiles in %.2fs", self.runner.num_compiles,
-                    time.perf_counter() - start)
+            # Several processes must pick the same bucket every step (their
+            # programs meet in collectives): no background compiles there.
+            self.runner.warmup(background=config.background_warmup
+                               and jax.process_count() == 1)
+        logger.info("warm-up: %d compiles in %.2fs%s", self.runner.num_compiles,
+                    time.perf_counter() - start,
+                    "" if self.runner.warmup_done.is_set() else
+                    f"; buckets {self.runner.ready_buckets} ready, the others compiling")
         self.max_model_len = max_model_len
         self.output = OutputProcessor(self.tokenizer, self.scheduler, max_model_len)
         self.faults = faults if faults is not None else FaultInjector.from_env()

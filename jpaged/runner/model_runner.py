@@ -18,7 +18,10 @@ copy of its sampled tokens to the host without waiting; `StepHandle.results`
 reads them later. Steps are padded to a token bucket (``S = min(T,
 max_num_seqs)`` sample rows); `warmup` compiles every bucket (two with the
 Pallas backend: decode-only and mixed) and ``num_compiles`` must not move
-afterwards.
+afterwards. ``warmup(background=True)`` compiles only the smallest and the
+largest bucket before returning and the others on a background thread:
+meanwhile a step pads to the smallest *compiled* bucket that holds it
+(``ready_buckets``), so serving starts sooner and never waits on a compile.
 
 Under tensor parallelism the runner holds the mesh: the KV cache is split by
 KV heads (one copy of a KV head per device when there are fewer heads than
@@ -32,8 +35,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -152,6 +157,11 @@ class ModelRunner:
                                      single_token=cfg.backend == "reference")
         self.num_compiles = 0
         self._compiled: dict = {}  # (layout, decode_only) -> the executable warm-up built
+        # Buckets a step may use: all of them (compiled on first use) unless a
+        # background warm-up is still compiling some.
+        self.ready_buckets = list(self.buckets)
+        self.warmup_done = threading.Event()
+        self.warmup_done.set()
         self._last: tuple | None = None  # (buf, layout, decode_only) of the last step
         # Explicit shardings in and out: donated buffers keep their layout, and
         # an output's layout never changes the next call's compile key.
@@ -273,35 +283,83 @@ class ModelRunner:
         v["banned"][:] = self.model_cfg.vocab_size
         return buf
 
-    def warmup(self) -> None:
-        """Compile every bucket now (and the swap and token-row helpers), so
+    def _step_avals(self):
+        """The step's array arguments as shape/dtype/sharding structs (for
+        lowering off the main thread, where live arrays may be donated away)."""
+        def aval(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+        return jax.tree.map(aval, (self.params, self.kv_caches, self.block_table,
+                                   self.token_table, self.last_tokens))
+
+    def _lower(self, avals, t: int, decode_only: bool):
+        layout = self._empty_layout(t)
+        buf = self._put(self._empty_buf(layout))
+        return layout, self._step.lower(*avals, buf, layout, decode_only)
+
+    def warmup(self, background: bool = False) -> None:
+        """Compile the buckets now (and the swap and token-row helpers), so
         that serving never compiles.
 
         Each bucket is traced here (tracing holds the GIL) and compiled by a
         pool of threads, one per CPU core: XLA compiles one program on one
         core and releases the GIL while it does, so the next bucket's tracing
-        and the other compiles overlap it."""
+        and the other compiles overlap it.
+
+        ``background``: compile only the smallest and the largest bucket here
+        (every step fits the largest) and the rest on one background thread,
+        smallest first, leaving the other cores to serving; each becomes
+        usable (`ready_buckets`) when compiled; `warmup_done` is set at the end.
+        """
         start = time.perf_counter()
+        variants = list(self._variants())
+        now = variants
+        if background and len(self.buckets) > 2:
+            ends = (self.buckets[0], self.buckets[-1])
+            now = [v for v in variants if v[0] in ends]
+            self.ready_buckets = list(ends)
+        avals = self._step_avals()
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
             jobs = []
-            for t, decode_only in self._variants():
-                layout = self._empty_layout(t)
-                lowered = self._step.lower(
-                    self.params, self.kv_caches, self.block_table, self.token_table,
-                    self.last_tokens, self._put(self._empty_buf(layout)), layout, decode_only)
+            for t, decode_only in now:
+                layout, lowered = self._lower(avals, t, decode_only)
                 jobs.append((t, layout, decode_only, pool.submit(lowered.compile)))
             for t, layout, decode_only, job in jobs:
                 self._compiled[(layout, decode_only)] = job.result()
                 logger.info("warm-up: bucket of %d tokens%s compiled (%.2fs since start)", t,
                             " (decode-only)" if decode_only else "",
                             time.perf_counter() - start)
-        for t, decode_only in self._variants():  # each compiled step runs once
+        for t, decode_only in now:  # each compiled step runs once
             layout = self._empty_layout(t)
             jax.block_until_ready(self._run(self._empty_buf(layout), layout, decode_only))
         self.token_table = self._set_token_row(
             self.token_table, self._put(np.int32(0)),
             self._put(np.zeros(self.cfg.max_model_len, np.int32)))
         self._warm_swap()
+        rest = [v for v in variants if v not in now]
+        if rest:
+            self.warmup_done.clear()
+            threading.Thread(target=self._compile_rest, args=(avals, rest, start),
+                             name="jpaged-warmup", daemon=True).start()
+
+    def _compile_rest(self, avals, variants, start: float) -> None:
+        """The background half of `warmup`: one bucket at a time."""
+        try:
+            for t, decode_only in variants:
+                layout, lowered = self._lower(avals, t, decode_only)
+                self._compiled[(layout, decode_only)] = lowered.compile()
+                if not decode_only:
+                    self.ready_buckets = sorted(set(self.ready_buckets) | {t})
+                logger.info("warm-up (background): bucket of %d tokens%s compiled "
+                            "(%.2fs since start)", t, " (decode-only)" if decode_only else "",
+                            time.perf_counter() - start)
+            logger.info("warm-up: all %d buckets compiled (%.2fs since start)",
+                        len(self.buckets), time.perf_counter() - start)
+        except Exception:  # noqa: BLE001 - the compiled buckets keep serving
+            logger.exception("background warm-up failed; serving with buckets %s",
+                             self.ready_buckets)
+        finally:
+            self.warmup_done.set()
 
     def _warm_swap(self) -> None:
         if not self.cfg.num_host_blocks:
@@ -370,8 +428,13 @@ class ModelRunner:
         """Launch one step without waiting for it; read it with `StepHandle.results`."""
         self.release_rows(out.freed_req_ids)
         self._swap(out)
-        built = self.batch.build(out, lambda n: bucket_for(self.buckets, n),
+        built = self.batch.build(out, lambda n: bucket_for(self.ready_buckets, n),
                                  self.eos_token_ids, self.cfg.backend == "pallas")
+        if (built.decode_only and not self.warmup_done.is_set()
+                and (built.layout, True) not in self._compiled):
+            # Its decode-only variant is still compiling: the mixed one computes
+            # the same step.
+            built = dataclasses.replace(built, decode_only=False)
         if built.block_table_full:
             self.block_table = self._put(self.batch.block_table)
         for row in built.penalty_rows:  # prefix-cache hits never pass through a step
