@@ -81,3 +81,28 @@ def test_before_the_background_is_done_steps_use_ready_buckets(llama_dir, monkey
     assert set(sizes) <= set(ends) and runner.num_compiles == compiles
     gate.set()
     assert runner.warmup_done.wait(timeout=600) and runner.ready_buckets == runner.buckets
+
+
+def test_exit_during_background_warmup_is_clean(llama_dir, tmp_path):
+    """A process that ends while the background compiles stops after the bucket
+    in progress (XLA aborts in C++ teardown if a compile is still running)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "quick_exit.py"
+    script.write_text(
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from jpaged import LLM, SamplingParams\n"
+        f"llm = LLM({llama_dir!r}, background_warmup=True, max_num_seqs=4,"
+        " max_num_batched_tokens=64, max_model_len=128, block_size=8)\n"
+        "assert not llm.llm_engine.runner.warmup_done.is_set()\n"
+        "out = llm.generate(['Hi'], SamplingParams(max_tokens=2), use_tqdm=False)\n"
+        "print('generated', len(out[0].outputs[0].token_ids))\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generated 2" in proc.stdout and "terminate called" not in proc.stderr
+    # The exit waited for the background thread: it either finished or stopped.
+    assert "warm-up stopped" in proc.stderr or "warm-up: all " in proc.stderr, proc.stderr[-2000:]

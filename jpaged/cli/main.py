@@ -171,7 +171,6 @@ def main(argv=None) -> int:
     chat.add_argument("--system", default=None, help="a system message")
     chat.add_argument("--chat-template", default=None, help="override the model's template")
     add_engine_args(chat)
-    chat.set_defaults(background_warmup=True)  # the first message comes after typing
     add_sampling_args(chat)
     try:
         from jpaged.serve.args import add_serve_args

@@ -86,7 +86,7 @@ class EngineConfig:
     background_warmup: bool = _opt(
         False, "compile only the smallest and largest step buckets before serving and the "
         "rest on a background thread (a quicker start: until its bucket is ready a step pads "
-        "to a larger one); default on for serve and chat. Ignored across several processes")
+        "to a larger one); default on for serve. Ignored across several processes")
     # Logits processors to register (instances, classes, "module:Class" or
     # entry point names of group jpaged.logits_processors); Python API only.
     logits_processors: tuple | None = _opt(None, "", cli=False)

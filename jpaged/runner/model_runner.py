@@ -33,12 +33,13 @@ every device samples the same tokens.
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -339,13 +340,32 @@ class ModelRunner:
         rest = [v for v in variants if v not in now]
         if rest:
             self.warmup_done.clear()
-            threading.Thread(target=self._compile_rest, args=(avals, rest, start),
-                             name="jpaged-warmup", daemon=True).start()
+            self._stop_warmup = threading.Event()
+            self._warmup_thread = threading.Thread(
+                target=self._compile_rest, args=(avals, rest, start), name="jpaged-warmup",
+                daemon=True)
+            # A process that exits while XLA compiles on another thread aborts
+            # in C++ teardown: at exit, stop after the bucket in progress.
+            atexit.register(self.stop_warmup)
+            self._warmup_thread.start()
+
+    def stop_warmup(self) -> None:
+        """Stop a background warm-up after the compile in progress (which cannot
+        be interrupted) and wait for it; buckets not compiled stay unused."""
+        thread = getattr(self, "_warmup_thread", None)
+        if thread is None:
+            return
+        self._stop_warmup.set()
+        thread.join()
+        atexit.unregister(self.stop_warmup)
 
     def _compile_rest(self, avals, variants, start: float) -> None:
         """The background half of `warmup`: one bucket at a time."""
         try:
             for t, decode_only in variants:
+                if self._stop_warmup.is_set():
+                    logger.info("warm-up stopped; serving with buckets %s", self.ready_buckets)
+                    return
                 layout, lowered = self._lower(avals, t, decode_only)
                 self._compiled[(layout, decode_only)] = lowered.compile()
                 if not decode_only:
