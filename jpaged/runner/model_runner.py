@@ -302,10 +302,9 @@ class ModelRunner:
         """Compile the buckets now (and the swap and token-row helpers), so
         that serving never compiles.
 
-        Each bucket is traced here (tracing holds the GIL) and compiled by a
-        pool of threads, one per CPU core: XLA compiles one program on one
-        core and releases the GIL while it does, so the next bucket's tracing
-        and the other compiles overlap it.
+        Every bucket is traced here, then compiled by a pool of threads, one
+        per CPU core (XLA compiles one program on one core and releases the
+        GIL while it does).
 
         ``background``: compile only the smallest and the largest bucket here
         (every step fits the largest) and the rest on one background thread,
@@ -320,11 +319,14 @@ class ModelRunner:
             now = [v for v in variants if v[0] in ends]
             self.ready_buckets = list(ends)
         avals = self._step_avals()
+        # Trace every bucket first, then compile them on the pool: a trace
+        # runs small eager ops (which compile and load code) and once crashed
+        # XLA:CPU while a worker loaded an executable from the disk cache.
+        lowered = [(t, decode_only, *self._lower(avals, t, decode_only))
+                   for t, decode_only in now]
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-            jobs = []
-            for t, decode_only in now:
-                layout, lowered = self._lower(avals, t, decode_only)
-                jobs.append((t, layout, decode_only, pool.submit(lowered.compile)))
+            jobs = [(t, layout, decode_only, pool.submit(low.compile))
+                    for t, decode_only, layout, low in lowered]
             for t, layout, decode_only, job in jobs:
                 self._compiled[(layout, decode_only)] = job.result()
                 logger.info("warm-up: bucket of %d tokens%s compiled (%.2fs since start)", t,
