@@ -17,6 +17,18 @@ def _greedy(llm, prompts):
     return [o.outputs[0].token_ids for o in outs]
 
 
+def _record_step_sizes(runner) -> list[int]:
+    """From now on, the token bucket of every step the runner launches."""
+    sizes, run = [], runner._run
+
+    def recording(buf, layout, decode_only):
+        sizes.append(layout.num_tokens)
+        return run(buf, layout, decode_only)
+
+    runner._run = recording
+    return sizes
+
+
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
 def test_background_warmup(llama_dir, backend):
     prompts = ["Hello there, how", "The capital of", "One two three four five six"]
@@ -37,14 +49,7 @@ def test_background_warmup(llama_dir, backend):
     assert runner.warmup_done.wait(timeout=600)
     assert runner.ready_buckets == buckets
     assert runner.num_compiles == all_compiles  # each variant compiled exactly once
-    sizes = []
-    orig = runner._run
-
-    def spy(buf, layout, decode_only):
-        sizes.append(layout.num_tokens)
-        return orig(buf, layout, decode_only)
-
-    runner._run = spy
+    sizes = _record_step_sizes(runner)
     assert _greedy(llm, prompts) == expected
     assert runner.num_compiles == all_compiles  # nothing compiled while serving
     assert min(sizes) < buckets[-1]  # small steps use their own buckets again
@@ -68,14 +73,7 @@ def test_before_the_background_is_done_steps_use_ready_buckets(llama_dir, monkey
     ends = [runner.buckets[0], runner.buckets[-1]]
     assert runner.ready_buckets == ends and not runner.warmup_done.is_set()
     compiles = runner.num_compiles
-    sizes = []
-    orig = runner._run
-
-    def spy(buf, layout, decode_only):
-        sizes.append(layout.num_tokens)
-        return orig(buf, layout, decode_only)
-
-    runner._run = spy
+    sizes = _record_step_sizes(runner)
     out = _greedy(llm, ["Hello there, how", "The capital of"])
     assert all(len(t) == 12 for t in out)
     assert set(sizes) <= set(ends) and runner.num_compiles == compiles

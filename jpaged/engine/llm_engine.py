@@ -83,10 +83,15 @@ def enable_compilation_cache() -> None:
     path = os.environ.get("JPAGED_COMPILE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "jpaged", "xla")
-    if path == "0" or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    if path != "0" and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    if jax.config.jax_compilation_cache_dir:
+        # Loads from the cache must not overlap compiles (warm-up compiles in
+        # threads): see jpaged/runner/compile_lock.py.
+        from jpaged.runner import compile_lock
+
+        compile_lock.install()
 
 
 class LLMEngine:
