@@ -87,7 +87,7 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     if jax.config.jax_compilation_cache_dir:
-        # Loads from the cache must not overlap compiles (warm-up compiles in
+        # Two loads from the cache must not overlap (warm-up compiles in
         # threads): see jpaged/runner/compile_lock.py.
         from jpaged.runner import compile_lock
 

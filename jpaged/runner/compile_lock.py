@@ -1,17 +1,17 @@
-"""Keep XLA from loading a cached executable while it compiles another.
+"""Keep XLA from loading two cached executables at once.
 
 The warm-up compiles step buckets on several threads, and with the on-disk
 compilation cache (`jpaged.engine.llm_engine.enable_compilation_cache`) some
 of those compiles are cache hits, which load (deserialize) an executable.
-On XLA:CPU (jax 0.10.2) that load is not safe beside another load or
-compile: the test suite died twice at the same warm-up, once with a
-segmentation fault (a load on a worker while the main thread's trace
-compiled an eager op) and once with an abort (two workers loading at once).
+On XLA:CPU (jax 0.10.2) such loads are not safe side by side: the test suite
+died at a warm-up with two workers loading at once (an abort), and once with
+a load beside the main thread's tracing (a segfault; the warm-up now traces
+every bucket before compiling any).
 
-`install()` wraps JAX's two entry points in one readers-writer lock:
-compiles share it (they ran concurrently for months without trouble), a
-load takes it alone. It patches private JAX functions, so it checks that
-they exist and otherwise leaves JAX as it is (logged once).
+`install()` wraps JAX's cache-load entry point in one lock, so loads run one
+at a time while compiles stay parallel (locking compiles too cost serve's
+start-up 10 s). It patches a private JAX function, so it checks that it
+exists and otherwise leaves JAX as it is (logged).
 """
 
 from __future__ import annotations
@@ -22,86 +22,31 @@ import threading
 
 logger = logging.getLogger(__name__)
 
-
-class ReadWriteLock:
-    """Many readers or one writer; readers may nest (no writer preference)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    def acquire_read(self):
-        with self._cond:
-            while self._writer:
-                self._cond.wait()
-            self._readers += 1
-
-    def release_read(self):
-        with self._cond:
-            self._readers -= 1
-            if not self._readers:
-                self._cond.notify_all()
-
-    def acquire_write(self):
-        with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writer = True
-
-    def release_write(self):
-        with self._cond:
-            self._writer = False
-            self._cond.notify_all()
+LOAD_LOCK = threading.Lock()
 
 
-LOCK = ReadWriteLock()
-_installed = False
-
-
-def _shared(fn):
+def serialized(fn, lock=LOAD_LOCK):
+    """``fn`` that runs under ``lock`` (one call at a time across threads)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        LOCK.acquire_read()
-        try:
+        with lock:
             return fn(*args, **kwargs)
-        finally:
-            LOCK.release_read()
-    wrapper.__jpaged_lock__ = True
-    return wrapper
-
-
-def _exclusive(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        LOCK.acquire_write()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            LOCK.release_write()
     wrapper.__jpaged_lock__ = True
     return wrapper
 
 
 def install() -> bool:
-    """Wrap JAX's compile and cache-load functions (once); False if they moved."""
-    global _installed
-    if _installed:
-        return True
+    """Serialize JAX's loads from the compilation cache (once); False if the
+    function moved in this JAX."""
     try:
-        from jax._src import compilation_cache, compiler
-    except ImportError:  # pragma: no cover - a JAX without these modules
-        logger.info("compile lock not installed: jax._src.compiler not found")
+        from jax._src import compilation_cache
+    except ImportError:  # pragma: no cover - a JAX without this module
+        logger.info("compile-cache lock not installed: jax._src.compilation_cache not found")
         return False
-    compile_fn = getattr(compiler, "backend_compile_and_load", None)
-    load_fn = getattr(compilation_cache, "get_executable_and_time", None)
-    if compile_fn is None or load_fn is None:
-        logger.info("compile lock not installed: this JAX has no backend_compile_and_load "
-                    "or get_executable_and_time")
+    load = getattr(compilation_cache, "get_executable_and_time", None)
+    if load is None:
+        logger.info("compile-cache lock not installed: no get_executable_and_time in this JAX")
         return False
-    if not getattr(compile_fn, "__jpaged_lock__", False):
-        compiler.backend_compile_and_load = _shared(compile_fn)
-    if not getattr(load_fn, "__jpaged_lock__", False):
-        compilation_cache.get_executable_and_time = _exclusive(load_fn)
-    _installed = True
+    if not getattr(load, "__jpaged_lock__", False):
+        compilation_cache.get_executable_and_time = serialized(load)
     return True
