@@ -14,8 +14,8 @@ without a zero point or minimum they are signed (stored value minus 8).
 `dense` picks the matmul for a quantized weight (`quant_matmul_backend`):
 the reference path dequantizes inside the jitted step (float32 arithmetic,
 then the activation dtype) and leaves the fusion to XLA (which, on an H100,
-materialises the dequantized weight: 2.3x slower than bf16 for a decode
-step); on a GPU, for up to `PALLAS_MAX_TOKENS` rows, the Pallas kernel of
+does not fuse it: one decode-sized matmul ran 2.1x (int8) to 3.2x (int4)
+slower than bf16, BENCHMARKS.md); on a GPU, for up to `PALLAS_MAX_TOKENS` rows, the Pallas kernel of
 ``jpaged/pallas_kernels/quant_matmul.py`` reads the stored bytes and
 dequantizes them in registers instead; fp8 weights in prefill-sized batches
 run on fp8 tensor cores (`fp8_w8a8_dense`, activations quantized per row). `quantize_int8`, `quantize_int4` and `quantize_fp8`
