@@ -144,7 +144,10 @@ def _attend(q, k, v, kv_cache, md: AttentionMetadata, scale, sliding_window):
         out = cpu_paged_attention(
             q, k_cache, v_cache, md.block_tables, md.context_lens, md.query_start_loc,
             scale=scale, sliding_window=sliding_window, k_scale=ks, v_scale=vs,
-            decode_chunk=reference_chunk_tokens(q.shape[0], k_cache.shape[1]))
+            decode_chunk=reference_chunk_tokens(q.shape[0], k_cache.shape[1]),
+            # Under tensor parallelism XLA partitions the attention by heads;
+            # it cannot partition a custom call.
+            native=False if md.mesh is not None else None)
     elif md.backend == "pallas":
         interpret = jax.default_backend() != "gpu"
         if md.decode_only:

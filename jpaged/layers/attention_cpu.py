@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jpaged import cpu_kernels
 from jpaged.layers.kv_quant import dequantize
 from jpaged.pallas_kernels.attention.reference import (online_softmax_update,
                                                       ragged_paged_attention_chunked)
@@ -87,6 +88,21 @@ def _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_
     return jax.lax.fori_loop(0, cum[-1], tile, out)
 
 
+def native_applies(q, k_cache, k_scale=1.0, v_scale=1.0) -> bool:
+    """Whether the native kernel computes this attention: on XLA:CPU, float32
+    or bfloat16 queries and caches of one dtype, head_dim 64 or 128, no fp8
+    scales, and not switched off (``JPAGED_CPU_ATTENTION=xla``)."""
+    if jax.default_backend() != "cpu" or isinstance(k_scale, jax.Array) or isinstance(
+            v_scale, jax.Array) or (k_scale, v_scale) != (1.0, 1.0):
+        return False
+    if q.shape[-1] not in cpu_kernels.HEAD_DIMS:
+        if cpu_kernels.mode() == "native":
+            raise ValueError(f"JPAGED_CPU_ATTENTION=native: head_dim {q.shape[-1]} is not "
+                             f"one of {cpu_kernels.HEAD_DIMS}")
+        return False
+    return cpu_kernels.use_native_attention(q.dtype, k_cache.dtype)
+
+
 def cpu_paged_attention(
     q: jax.Array,  # [T, num_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -102,11 +118,20 @@ def cpu_paged_attention(
     chunk_tokens: int = 256,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    native: bool | None = None,
 ) -> jax.Array:  # [T, num_heads, head_dim]
-    """Sequences with one query token (decodes) in per-token chunks, the
-    others (prefill chunks) in tiles; the reference's contract and results.
-    A step of decodes only skips the tiles altogether. An fp8 cache is
-    dequantized on read with ``k_scale``/``v_scale``."""
+    """The reference's contract and results on a CPU. By default (``native``
+    None) the native kernel of `jpaged.cpu_kernels` where it applies (see
+    `native_applies`), else XLA: sequences with one query token (decodes) in
+    per-token chunks, the others (prefill chunks) in tiles; a step of decodes
+    only skips the tiles altogether. An fp8 cache is dequantized on read with
+    ``k_scale``/``v_scale`` (XLA only)."""
+    if native is None:
+        native = native_applies(q, k_cache, k_scale, v_scale)
+    if native:
+        return cpu_kernels.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                           query_start_loc, scale=scale,
+                                           sliding_window=sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     q_len = query_start_loc[1:] - query_start_loc[:-1]

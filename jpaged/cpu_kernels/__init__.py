@@ -1,0 +1,148 @@
+"""Native CPU kernels, called from jitted code through the XLA FFI.
+
+XLA:CPU runs paged attention as gathers, transposes and small dots: every
+context chunk is copied out of the cache before it is multiplied. The C++
+kernel in ``paged_attention.cc`` reads each cache block in place instead
+(see its header). It is compiled on first use with the system's C++ compiler
+(``g++`` or ``$CXX``, ``-O3 -march=native``) into ``$JPAGED_CACHE_DIR`` (default
+``~/.cache/jpaged``), keyed by the source, the JAX version and the CPU, then
+registered with ``jax.ffi``; later processes load the built library.
+
+``JPAGED_CPU_ATTENTION`` picks the CPU attention: ``auto`` (the default: the
+native kernel when it builds, else XLA, with a warning), ``native`` (an error
+if it cannot be built) or ``xla``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+TARGET = "jpaged_cpu_paged_attention"
+HEAD_DIMS = (64, 128)  # compiled specializations
+_SOURCE = os.path.join(os.path.dirname(__file__), "paged_attention.cc")
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-w"]
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library, or "error": why it is unavailable
+
+
+def mode() -> str:
+    m = os.environ.get("JPAGED_CPU_ATTENTION", "auto")
+    if m not in ("auto", "native", "xla"):
+        raise ValueError(f"JPAGED_CPU_ATTENTION={m!r}: expected auto, native or xla")
+    return m
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def library_path() -> str:
+    with open(_SOURCE, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + jax.__version__.encode()
+                         + _cpu_id().encode()).hexdigest()[:16]
+    root = os.environ.get("JPAGED_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "jpaged")
+    return os.path.join(root, f"libjpaged_cpu_{key}.so")
+
+
+def _build(path: str) -> None:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler (g++, c++ or $CXX) to build the CPU kernels")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Built beside the target, then renamed: concurrent builders never see a
+    # half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n"
+                               f"{res.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load():
+    """The registered native library, building it if needed; None (with the
+    reason in `unavailable_reason`) where it cannot be built."""
+    with _lock:
+        if "lib" in _state or "error" in _state:
+            return _state.get("lib")
+        try:
+            path = library_path()
+            if not os.path.exists(path):
+                logger.info("building the native CPU kernels into %s", path)
+                _build(path)
+            lib = ctypes.CDLL(path)
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpagedCpuPagedAttention),
+                                        platform="cpu")
+            _state["lib"] = lib
+        except (OSError, RuntimeError, AttributeError) as e:
+            _state["error"] = str(e)
+            if mode() == "native":
+                raise
+            logger.warning("native CPU attention unavailable, using XLA's: %s", e)
+        return _state.get("lib")
+
+
+def unavailable_reason() -> str | None:
+    return _state.get("error")
+
+
+def use_native_attention(q_dtype, cache_dtype) -> bool:
+    """Whether CPU attention of ``q_dtype`` queries over a ``cache_dtype`` cache
+    runs the native kernel (float32 or bfloat16, the same for both; an fp8
+    cache stays on XLA's path)."""
+    m = mode()
+    supported = jnp.dtype(q_dtype) == jnp.dtype(cache_dtype) and jnp.dtype(q_dtype) in (
+        jnp.float32, jnp.bfloat16)
+    if m == "xla":
+        return False
+    if not supported:
+        if m == "native":
+            raise ValueError(f"JPAGED_CPU_ATTENTION=native: the kernel takes float32 or "
+                             f"bfloat16 queries and caches of one dtype, not "
+                             f"{jnp.dtype(q_dtype)} over {jnp.dtype(cache_dtype)}")
+        return False
+    return load() is not None
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, *,
+                    scale: float, sliding_window: int | None = None):
+    """The reference contract (`ragged_paged_attention_reference`) on the native
+    kernel. q: [T, H, D]; caches [num_blocks, block_size, KVH, D] of q's dtype."""
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"native CPU attention: q is {q.dtype}, the caches "
+                         f"{k_cache.dtype}/{v_cache.dtype}; they must match")
+    if load() is None:
+        raise RuntimeError(f"native CPU attention unavailable: {unavailable_reason()}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
+    return call(q, k_cache, v_cache,
+                block_tables.astype(jnp.int32), context_lens.astype(jnp.int32),
+                query_start_loc.astype(jnp.int32), scale=np.float32(scale),
+                sliding_window=np.int64(sliding_window or 0))

@@ -1,0 +1,166 @@
+"""The native CPU paged attention (jpaged/cpu_kernels) against the oracle, and
+its dispatch: the engine's CPU steps run it, and fall back to XLA where it
+does not apply."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged import cpu_kernels
+from jpaged.layers.attention_cpu import cpu_paged_attention, native_applies
+from jpaged.pallas_kernels.attention.reference import ragged_paged_attention_reference
+
+
+def layout(rng, q_lens, ctx, block_size, kvh, g, d, pad_tokens=3, dtype=jnp.float32):
+    max_blocks = -(-max(ctx) // block_size) + 1
+    nb = 1 + len(ctx) * max_blocks
+    k = jnp.asarray(rng.standard_normal((nb, block_size, kvh, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((nb, block_size, kvh, d)), dtype)
+    tables = np.zeros((len(ctx), max_blocks), np.int32)
+    ids = rng.permutation(np.arange(1, nb))  # blocks anywhere in the cache
+    for s in range(len(ctx)):
+        tables[s] = ids[s * max_blocks:(s + 1) * max_blocks]
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    t = int(qsl[-1]) + pad_tokens
+    q = jnp.asarray(rng.standard_normal((t, kvh * g, d)), dtype)
+    return q, k, v, jnp.asarray(tables), jnp.asarray(ctx, jnp.int32), jnp.asarray(qsl)
+
+
+def native(*args, **kw):
+    return jax.jit(lambda *a: cpu_kernels.paged_attention(*a, **kw))(*args)
+
+
+def test_kernel_builds():
+    # CI and the README's setup have a C++ compiler: the kernel must build
+    # there, not silently fall back to XLA.
+    assert cpu_kernels.load() is not None, cpu_kernels.unavailable_reason()
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 64])
+@pytest.mark.parametrize("kvh,g,d", [(2, 4, 64), (3, 3, 64), (1, 1, 128), (2, 2, 128)])
+@pytest.mark.parametrize("sliding_window", [None, 37])
+def test_mixed_step_equals_reference(block_size, kvh, g, d, sliding_window):
+    rng = np.random.default_rng(block_size + 7 * kvh + g + d)
+    # Decodes (one at the first position), prefill chunks over several query
+    # tiles (from the start, and continuing a context), an empty sequence.
+    q_lens = [1, 1, 37, 0, 5, 1, 70]
+    ctx = [1, 300, 40, 0, 133, 64, 200]
+    args = layout(rng, q_lens, ctx, block_size, kvh, g, d)
+    want = ragged_paged_attention_reference(*args, scale=d ** -0.5,
+                                            sliding_window=sliding_window)
+    got = np.asarray(native(*args, scale=d ** -0.5, sliding_window=sliding_window))
+    np.testing.assert_allclose(got, np.asarray(want), rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(got[sum(q_lens):], 0)  # padding tokens
+
+
+def test_decode_only_and_long_context():
+    rng = np.random.default_rng(3)
+    ctx = [1, 17, 64, 1000, 15, 16, 0, 0]
+    args = layout(rng, [1] * 6 + [0, 0], ctx, 16, 2, 4, 64, pad_tokens=2)
+    want = ragged_paged_attention_reference(*args, scale=0.125)
+    got = native(*args, scale=0.125)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+def test_bfloat16():
+    rng = np.random.default_rng(4)
+    args = layout(rng, [1, 30, 1], [50, 90, 7], 16, 2, 4, 64, dtype=jnp.bfloat16)
+    want = ragged_paged_attention_reference(
+        *[a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args], scale=0.125)
+    got = native(*args, scale=0.125)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=2e-2)
+
+
+def test_large_scores_stay_finite():
+    # Scores of several hundred: the softmax must subtract the running max.
+    rng = np.random.default_rng(5)
+    q, k, v, bt, cl, qsl = layout(rng, [3, 1], [40, 80], 16, 2, 4, 64)
+    q, k = q * 30, k * 30
+    want = ragged_paged_attention_reference(q, k, v, bt, cl, qsl, scale=0.125)
+    got = np.asarray(native(q, k, v, bt, cl, qsl, scale=0.125))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_raise():
+    rng = np.random.default_rng(6)
+    q, k, v, bt, cl, qsl = layout(rng, [1, 2], [5, 9], 16, 2, 4, 64)
+    with pytest.raises(ValueError, match="must match"):
+        cpu_kernels.paged_attention(q, k.astype(jnp.bfloat16), v, bt, cl, qsl, scale=0.1)
+    with pytest.raises(Exception, match="block id out of range"):
+        native(q, k, v, bt.at[1, 0].set(k.shape[0]), cl, qsl, scale=0.1).block_until_ready()
+    with pytest.raises(Exception, match="more query tokens than context"):
+        native(q, k, v, bt, cl.at[1].set(1), qsl, scale=0.1).block_until_ready()
+
+
+def test_dispatch(monkeypatch):
+    rng = np.random.default_rng(7)
+    q, k, v, bt, cl, qsl = layout(rng, [1, 2], [5, 9], 16, 2, 4, 64)
+    assert native_applies(q, k)
+    assert not native_applies(q[..., :32], k[..., :32])  # head_dim 32: XLA
+    assert not native_applies(q, k.astype(jnp.float8_e4m3fn), 0.5, 0.5)  # fp8 cache
+    assert not native_applies(q, k.astype(jnp.bfloat16))  # mixed dtypes
+    monkeypatch.setenv("JPAGED_CPU_ATTENTION", "xla")
+    assert not native_applies(q, k)
+    monkeypatch.setenv("JPAGED_CPU_ATTENTION", "native")
+    with pytest.raises(ValueError, match="head_dim 32"):
+        native_applies(q[..., :32], k[..., :32])
+    monkeypatch.setenv("JPAGED_CPU_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="JPAGED_CPU_ATTENTION='fast'"):
+        native_applies(q, k)
+    monkeypatch.delenv("JPAGED_CPU_ATTENTION")
+
+    def hlo(**kw):
+        f = jax.jit(lambda *a: cpu_paged_attention(*a, scale=0.125, **kw))
+        return f.lower(q, k, v, bt, cl, qsl).as_text()
+
+    assert cpu_kernels.TARGET in hlo()
+    assert cpu_kernels.TARGET not in hlo(native=False)
+    # Both paths give the reference's numbers.
+    want = ragged_paged_attention_reference(q, k, v, bt, cl, qsl, scale=0.125)
+    for kw in ({}, {"native": False}):
+        got = cpu_paged_attention(q, k, v, bt, cl, qsl, scale=0.125, **kw)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+def test_build_failure_falls_back(monkeypatch, tmp_path):
+    # No compiler: auto falls back to XLA with the reason kept; native raises.
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("JPAGED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    assert cpu_kernels.load() is None
+    assert "no-such-compiler" in cpu_kernels.unavailable_reason() or \
+        "compiler" in cpu_kernels.unavailable_reason()
+    assert not cpu_kernels.use_native_attention(jnp.float32, jnp.float32)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("JPAGED_CPU_ATTENTION", "native")
+    with pytest.raises(Exception):
+        cpu_kernels.load()
+
+
+def test_engine_step_runs_the_kernel(tmp_path):
+    """A CPU engine's compiled step calls the kernel, and greedy decoding
+    gives the same tokens as with XLA's attention."""
+    from jpaged import LLM, SamplingParams
+    from jpaged.tiny import make_tiny_model
+
+    model = str(tmp_path / "m")
+    make_tiny_model(model, arch="llama", vocab_size=512, hidden_size=256,
+                    intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512)
+    prompts = [[5 + i, 9, 17, 33 + i, 2] * (1 + 3 * i) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for mode in ("native", "xla"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("JPAGED_CPU_ATTENTION", mode)
+            llm = LLM(model, max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
+                      block_size=16)
+            runner = llm.llm_engine.runner
+            text = runner._lower(runner._step_avals(), 64, False)[1].as_text()
+            assert (cpu_kernels.TARGET in text) == (mode == "native")
+            outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outs["native"] == outs["xla"]
