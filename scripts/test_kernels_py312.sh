@@ -34,4 +34,5 @@ if ! (cd / && "$OLDPWD/$VENV/bin/python" -c 'import jpaged.pallas_kernels') 2>/d
     || echo "$PWD" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/jpaged-src.pth"
 fi
 "$VENV/bin/python" -c 'import jax; print("python", __import__("sys").version.split()[0], "jax", jax.__version__)'
-exec "$VENV/bin/python" -m pytest -q tests/test_kernels.py tests/test_kernel_lowering.py tests/test_quant_matmul.py "$@"
+exec "$VENV/bin/python" -m pytest -q tests/test_kernels.py tests/test_kernel_lowering.py tests/test_quant_matmul.py \
+  tests/test_cpu_kernels.py "$@"
