@@ -1,6 +1,6 @@
-"""The native CPU paged attention (jpaged/cpu_kernels) against the oracle, and
-its dispatch: the engine's CPU steps run it, and fall back to XLA where it
-does not apply."""
+"""The native CPU kernels (jpaged/cpu_kernels): paged attention against the
+oracle, the few-row matrix product against numpy, and their dispatch: the
+engine's CPU steps run them, and fall back to XLA where they do not apply."""
 
 import jax
 import jax.numpy as jnp
@@ -102,15 +102,15 @@ def test_dispatch(monkeypatch):
     assert not native_applies(q[..., :32], k[..., :32])  # head_dim 32: XLA
     assert not native_applies(q, k.astype(jnp.float8_e4m3fn), 0.5, 0.5)  # fp8 cache
     assert not native_applies(q, k.astype(jnp.bfloat16))  # mixed dtypes
-    monkeypatch.setenv("JPAGED_CPU_ATTENTION", "xla")
+    monkeypatch.setenv("JPAGED_CPU_KERNELS", "xla")
     assert not native_applies(q, k)
-    monkeypatch.setenv("JPAGED_CPU_ATTENTION", "native")
+    monkeypatch.setenv("JPAGED_CPU_KERNELS", "native")
     with pytest.raises(ValueError, match="head_dim 32"):
         native_applies(q[..., :32], k[..., :32])
-    monkeypatch.setenv("JPAGED_CPU_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="JPAGED_CPU_ATTENTION='fast'"):
+    monkeypatch.setenv("JPAGED_CPU_KERNELS", "fast")
+    with pytest.raises(ValueError, match="JPAGED_CPU_KERNELS='fast'"):
         native_applies(q, k)
-    monkeypatch.delenv("JPAGED_CPU_ATTENTION")
+    monkeypatch.delenv("JPAGED_CPU_KERNELS")
 
     def hlo(**kw):
         f = jax.jit(lambda *a: cpu_paged_attention(*a, scale=0.125, **kw))
@@ -136,9 +136,49 @@ def test_build_failure_falls_back(monkeypatch, tmp_path):
         "compiler" in cpu_kernels.unavailable_reason()
     assert not cpu_kernels.use_native_attention(jnp.float32, jnp.float32)
     monkeypatch.setattr(cpu_kernels, "_state", {})
-    monkeypatch.setenv("JPAGED_CPU_ATTENTION", "native")
+    monkeypatch.setenv("JPAGED_CPU_KERNELS", "native")
     with pytest.raises(Exception):
         cpu_kernels.load()
+
+
+@pytest.mark.parametrize("m", [2, 3, 5, 6, 7, 8, 13, 32])
+@pytest.mark.parametrize("k,n", [(1, 4), (15, 8), (16, 12), (17, 20), (576, 96), (100, 1000)])
+def test_matmul_equals_numpy(m, k, n):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    got = np.asarray(jax.jit(cpu_kernels.matmul_nt)(jnp.asarray(x), jnp.asarray(w)))
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_matmul_dispatch(monkeypatch):
+    from jpaged.layers.linear import dense, quantize_int8
+
+    x = jnp.ones((8, 64), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((32, 64)), jnp.float32)
+
+    def lowered(x, w):  # a fresh function each time: jit's trace cache ignores the context
+        return jax.jit(lambda x, w: dense(x, w)).lower(x, w).as_text()
+
+    assert not cpu_kernels.native_matmul_applies(x, w)  # not inside single_device
+    with cpu_kernels.single_device():
+        assert cpu_kernels.native_matmul_applies(x, w)
+        assert not cpu_kernels.native_matmul_applies(x[:1], w)  # one row: XLA's gemv
+        assert not cpu_kernels.native_matmul_applies(
+            jnp.ones((cpu_kernels.MATMUL_MAX_ROWS + 1, 64)), w)
+        assert not cpu_kernels.native_matmul_applies(x.astype(jnp.bfloat16),
+                                                      w.astype(jnp.bfloat16))
+        assert not cpu_kernels.native_matmul_applies(x, w[:30])  # out not a multiple of 4
+        assert cpu_kernels.MATMUL_TARGET in lowered(x, w)
+        np.testing.assert_allclose(np.asarray(jax.jit(dense)(x, w)), np.asarray(x @ w.T),
+                                   rtol=1e-5, atol=1e-5)
+        # Quantized weights keep their own paths.
+        assert cpu_kernels.MATMUL_TARGET not in lowered(x, quantize_int8(np.asarray(w)))
+        monkeypatch.setenv("JPAGED_CPU_KERNELS", "xla")
+        assert cpu_kernels.MATMUL_TARGET not in lowered(x, w)
+    monkeypatch.delenv("JPAGED_CPU_KERNELS")
+    assert cpu_kernels.MATMUL_TARGET not in lowered(x, w)
 
 
 def test_engine_step_runs_the_kernel(tmp_path):
@@ -157,11 +197,15 @@ def test_engine_step_runs_the_kernel(tmp_path):
     outs = {}
     for mode in ("native", "xla"):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("JPAGED_CPU_ATTENTION", mode)
+            mp.setenv("JPAGED_CPU_KERNELS", mode)
             llm = LLM(model, max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
                       block_size=16)
             runner = llm.llm_engine.runner
             text = runner._lower(runner._step_avals(), 64, False)[1].as_text()
             assert (cpu_kernels.TARGET in text) == (mode == "native")
+            # 64 token rows: XLA's products, but the lm_head over 4 sequences' rows.
+            assert text.count(f"@{cpu_kernels.MATMUL_TARGET}(") == (mode == "native")
+            text = runner._lower(runner._step_avals(), 8, False)[1].as_text()
+            assert (cpu_kernels.MATMUL_TARGET in text) == (mode == "native")
             outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs["native"] == outs["xla"]

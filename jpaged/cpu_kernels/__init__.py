@@ -1,20 +1,30 @@
 """Native CPU kernels, called from jitted code through the XLA FFI.
 
-XLA:CPU runs paged attention as gathers, transposes and small dots: every
-context chunk is copied out of the cache before it is multiplied. The C++
-kernel in ``paged_attention.cc`` reads each cache block in place instead
-(see its header). It is compiled on first use with the system's C++ compiler
-(``g++`` or ``$CXX``, ``-O3 -march=native``) into ``$JPAGED_CACHE_DIR`` (default
-``~/.cache/jpaged``), keyed by the source, the JAX version and the CPU, then
+Two places where XLA:CPU leaves much of the machine unused (measured in
+BENCHMARKS.md):
+
+* paged attention (``paged_attention.cc``): XLA copies every context chunk
+  out of the cache (gathers and transposes) before multiplying it; the kernel
+  reads each cache block in place;
+* matrix products with a few rows (``matmul.cc``): a decode step's
+  ``[M, in] x [out, in]^T`` for 2 <= M <= `MATMUL_MAX_ROWS` runs at about half
+  the arithmetic rate XLA reaches with many rows; the kernel keeps a tile of
+  rows x weight rows in registers.
+
+They are compiled on first use with the system's C++ compiler (``g++`` or
+``$CXX``, ``-O3 -march=native``) into ``$JPAGED_CACHE_DIR`` (default
+``~/.cache/jpaged``), keyed by the sources, the JAX version and the CPU, then
 registered with ``jax.ffi``; later processes load the built library.
 
-``JPAGED_CPU_ATTENTION`` picks the CPU attention: ``auto`` (the default: the
-native kernel when it builds, else XLA, with a warning), ``native`` (an error
-if it cannot be built) or ``xla``.
+``JPAGED_CPU_KERNELS`` picks: ``auto`` (the default: the native kernels when
+they build, else XLA, with a warning), ``native`` (an error if they cannot be
+built or do not apply) or ``xla``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
@@ -32,17 +42,24 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 TARGET = "jpaged_cpu_paged_attention"
+MATMUL_TARGET = "jpaged_cpu_matmul_nt"
 HEAD_DIMS = (64, 128)  # compiled specializations
-_SOURCE = os.path.join(os.path.dirname(__file__), "paged_attention.cc")
+# Rows up to which the native product beats XLA's (scripts/bench_cpu_matmul.py
+# --native: 1.9x at 2 rows, 1.6x at 8, 1.2x at 32, even at 64); one row is a
+# matrix-vector product XLA already runs at the memory bandwidth.
+MATMUL_MAX_ROWS = 32
+_DIR = os.path.dirname(__file__)
+_SOURCES = [os.path.join(_DIR, f) for f in ("paged_attention.cc", "matmul.cc")]
+_HEADERS = [os.path.join(_DIR, "parallel.h")]
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-w"]
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library, or "error": why it is unavailable
 
 
 def mode() -> str:
-    m = os.environ.get("JPAGED_CPU_ATTENTION", "auto")
+    m = os.environ.get("JPAGED_CPU_KERNELS", "auto")
     if m not in ("auto", "native", "xla"):
-        raise ValueError(f"JPAGED_CPU_ATTENTION={m!r}: expected auto, native or xla")
+        raise ValueError(f"JPAGED_CPU_KERNELS={m!r}: expected auto, native or xla")
     return m
 
 
@@ -57,8 +74,10 @@ def _cpu_id() -> str:
 
 
 def library_path() -> str:
-    with open(_SOURCE, "rb") as f:
-        src = f.read()
+    src = b""
+    for path in _SOURCES + _HEADERS:
+        with open(path, "rb") as f:
+            src += f.read()
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + jax.__version__.encode()
                          + _cpu_id().encode()).hexdigest()[:16]
     root = os.environ.get("JPAGED_CACHE_DIR") or os.path.join(
@@ -76,7 +95,7 @@ def _build(path: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
+        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", *_SOURCES, "-o", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode:
             raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n"
@@ -101,12 +120,14 @@ def load():
             lib = ctypes.CDLL(path)
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpagedCpuPagedAttention),
                                         platform="cpu")
+            jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JpagedCpuMatmulNT),
+                                        platform="cpu")
             _state["lib"] = lib
         except (OSError, RuntimeError, AttributeError) as e:
             _state["error"] = str(e)
             if mode() == "native":
                 raise
-            logger.warning("native CPU attention unavailable, using XLA's: %s", e)
+            logger.warning("native CPU kernels unavailable, using XLA's: %s", e)
         return _state.get("lib")
 
 
@@ -125,7 +146,7 @@ def use_native_attention(q_dtype, cache_dtype) -> bool:
         return False
     if not supported:
         if m == "native":
-            raise ValueError(f"JPAGED_CPU_ATTENTION=native: the kernel takes float32 or "
+            raise ValueError(f"JPAGED_CPU_KERNELS=native: the attention kernel takes float32 or "
                              f"bfloat16 queries and caches of one dtype, not "
                              f"{jnp.dtype(q_dtype)} over {jnp.dtype(cache_dtype)}")
         return False
@@ -146,3 +167,37 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
                 block_tables.astype(jnp.int32), context_lens.astype(jnp.int32),
                 query_start_loc.astype(jnp.int32), scale=np.float32(scale),
                 sliding_window=np.int64(sliding_window or 0))
+
+
+# Set while tracing a step on one device: a custom call cannot be partitioned,
+# so under tensor parallelism the products stay with XLA.
+_single_device = contextvars.ContextVar("jpaged_cpu_single_device", default=False)
+
+
+@contextlib.contextmanager
+def single_device():
+    """Trace the enclosed model code for one device: the native matmul may apply."""
+    token = _single_device.set(True)
+    try:
+        yield
+    finally:
+        _single_device.reset(token)
+
+
+def native_matmul_applies(x, w) -> bool:
+    """Whether ``x @ w.T`` (x ``[M, in]``, w ``[out, in]``) runs the native
+    product: on XLA:CPU inside `single_device`, float32, 2 <= M <=
+    `MATMUL_MAX_ROWS`, ``out`` a multiple of 4."""
+    if (not _single_device.get() or jax.default_backend() != "cpu" or mode() == "xla"
+            or x.ndim != 2 or w.ndim != 2 or not 2 <= x.shape[0] <= MATMUL_MAX_ROWS
+            or x.dtype != jnp.float32 or w.dtype != jnp.float32 or w.shape[0] % 4):
+        return False
+    return load() is not None
+
+
+def matmul_nt(x, w):
+    """``x @ w.T`` for float32 x ``[M, K]`` and w ``[N, K]`` (N a multiple of 4)."""
+    if load() is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {unavailable_reason()}")
+    return jax.ffi.ffi_call(MATMUL_TARGET,
+                            jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)

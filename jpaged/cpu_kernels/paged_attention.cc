@@ -17,17 +17,14 @@
 // thread pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -218,35 +215,6 @@ void Attend(const Shape& sh, const Item& it, const T* q, const T* k_cache, const
   }
 }
 
-// Runs fn(i) for i in [0, n) on the calling thread and the pool's threads.
-// Late tasks (started after every item is done) touch only the shared state.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, F fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto st = std::make_shared<State>();
-  auto* fp = &fn;
-  // The caller waits for every item, so fn outlives each call of it; a task
-  // that starts later finds no item left and never calls fn.
-  auto work = [st, fp, n]() {
-    for (int64_t i; (i = st->next.fetch_add(1)) < n;) {
-      (*fp)(i);
-      if (st->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(st->mu);
-        st->cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(st->mu);
-  st->cv.wait(lock, [&] { return st->done.load() == n; });
-}
-
 template <typename T>
 ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> block_tables,
@@ -280,7 +248,7 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   const T* kp = static_cast<const T*>(k_cache.untyped_data());
   const T* vp = static_cast<const T*>(v_cache.untyped_data());
   auto attend = sh.head_dim == 64 ? Attend<T, 64> : Attend<T, 128>;
-  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+  jpaged::ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
     const Item& it = items[i];
     attend(sh, it, qp, kp, vp, bt, cl[it.seq], qsl[it.seq + 1] - qsl[it.seq], qsl[it.seq], o);
   });

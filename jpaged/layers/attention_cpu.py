@@ -91,13 +91,13 @@ def _prefill_tiles(q, k_cache, v_cache, block_tables, context_lens, query_start_
 def native_applies(q, k_cache, k_scale=1.0, v_scale=1.0) -> bool:
     """Whether the native kernel computes this attention: on XLA:CPU, float32
     or bfloat16 queries and caches of one dtype, head_dim 64 or 128, no fp8
-    scales, and not switched off (``JPAGED_CPU_ATTENTION=xla``)."""
+    scales, and not switched off (``JPAGED_CPU_KERNELS=xla``)."""
     if jax.default_backend() != "cpu" or isinstance(k_scale, jax.Array) or isinstance(
             v_scale, jax.Array) or (k_scale, v_scale) != (1.0, 1.0):
         return False
     if q.shape[-1] not in cpu_kernels.HEAD_DIMS:
         if cpu_kernels.mode() == "native":
-            raise ValueError(f"JPAGED_CPU_ATTENTION=native: head_dim {q.shape[-1]} is not "
+            raise ValueError(f"JPAGED_CPU_KERNELS=native: head_dim {q.shape[-1]} is not "
                              f"one of {cpu_kernels.HEAD_DIMS}")
         return False
     return cpu_kernels.use_native_attention(q.dtype, k_cache.dtype)

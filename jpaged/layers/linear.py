@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jpaged import cpu_kernels
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -157,6 +159,8 @@ def dense(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
         y = qm.quant_matmul(x, w, interpret=jax.default_backend() != "gpu")
     elif path == "fp8_w8a8":
         y = fp8_w8a8_dense(x, w)
+    elif not is_quantized(w) and cpu_kernels.native_matmul_applies(x, w):
+        y = cpu_kernels.matmul_nt(x, w)  # a few rows on a CPU
     else:
         if is_quantized(w):
             if w.perm is not None:

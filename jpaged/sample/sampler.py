@@ -8,7 +8,8 @@ over prompt and output tokens; presence and frequency over output tokens),
 greedy rows take the argmax and the others divide by their temperature, apply top-k, top-p and min-p, and draw with the Gumbel
 trick from a key that depends only on the row's seed, its sample index and
 how many tokens it has generated: a request samples the same tokens alone or
-in any batch. Logprobs are those of the raw model distribution.
+in any batch. Logprobs are those of the raw model distribution, computed only in steps
+where some row asked for them.
 
 Optional work (penalties, the sort for top-k/top-p, top logprobs) sits
 behind `lax.cond` on runtime flags, so one compiled step serves every mix of
@@ -104,7 +105,6 @@ def sample(
 ):
     """Returns (tokens [S], sampled logprob [S], rank [S], top ids [S, K], top logprobs [S, K])."""
     num_rows, vocab = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = jax.lax.cond(md.any_penalty, lambda l: _penalize(l, md, token_table),
                      lambda l: l, logits)
     rows = jnp.arange(num_rows)[:, None]
@@ -123,18 +123,23 @@ def sample(
 
     sampled = jax.lax.cond(md.any_random, draw, lambda x: greedy_tokens, x)
     tokens = jnp.where(greedy, greedy_tokens, sampled).astype(jnp.int32)
-    tok_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    rank = jnp.sum(raw_logprobs > tok_lp[:, None], axis=-1).astype(jnp.int32) + 1
 
-    def top(lp):
-        vals, ids = jax.lax.top_k(lp, num_logprobs)
-        return ids.astype(jnp.int32), vals
+    def with_logprobs(logits):  # only when some row asked for logprobs
+        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+        tok_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+        rank = jnp.sum(raw_logprobs > tok_lp[:, None], axis=-1).astype(jnp.int32) + 1
+        vals, ids = jax.lax.top_k(raw_logprobs, num_logprobs)
+        return tok_lp, rank, ids.astype(jnp.int32), vals
 
-    def no_top(lp):
-        return (jnp.zeros((num_rows, num_logprobs), jnp.int32),
+    def without(logits):
+        return (jnp.zeros((num_rows,), jnp.float32), jnp.zeros((num_rows,), jnp.int32),
+                jnp.zeros((num_rows, num_logprobs), jnp.int32),
                 jnp.zeros((num_rows, num_logprobs), jnp.float32))
 
-    top_ids, top_lps = jax.lax.cond(md.any_logprobs, top, no_top, raw_logprobs)
+    # Three passes over [S, V] a step (a 49k vocabulary on a CPU) that no
+    # row needs unless it asked for logprobs.
+    tok_lp, rank, top_ids, top_lps = jax.lax.cond(md.any_logprobs, with_logprobs, without,
+                                                  logits)
     return tokens, tok_lp, rank, top_ids, top_lps
 
 
