@@ -7,7 +7,14 @@ prints milliseconds and the weight bytes read per second. This is why the CPU
 backend has a one-token bucket (jpaged/runner/buckets.py): one row runs as a
 matrix-vector product at about the memory bandwidth, a few rows at about half.
 
+``--native`` measures, side by side in the same run, the product as the model
+runs it (weights stored [out, in], ``x @ w.T``) through XLA's dot and through
+jpaged's native CPU kernel (jpaged/cpu_kernels/matmul.cc): 15 pairs of
+[M, 576] x [1536, 576]^T and [M, 1536] x [576, 1536]^T, with checks that the
+two agree. That table sets `cpu_kernels.MATMUL_MAX_ROWS`.
+
 Example: python scripts/bench_cpu_matmul.py
+         python scripts/bench_cpu_matmul.py --native --rows 1,2,4,8,16,32,64,128
          XLA_FLAGS=--xla_cpu_use_xnnpack=true python scripts/bench_cpu_matmul.py
 """
 
@@ -17,12 +24,17 @@ import argparse
 import time
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="1,2,4,8,16,32")
-    ap.add_argument("--layers", type=int, default=30)
-    args = ap.parse_args()
+def best_of(fn, *args, iters=10):
+    fn(*args).block_until_ready()
+    best = float("inf")
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn(*args).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best
 
+
+def xla_chain(args):
     import jax
     import jax.numpy as jnp
 
@@ -39,16 +51,58 @@ def main() -> None:
     mbytes = args.layers * d * f * 4 / 1e6
     print(f"{args.layers} products of [M, {d}] x [{d}, {f}] float32, {mbytes:.0f} MB of weights")
     for m in (int(r) for r in args.rows.split(",")):
-        x = jnp.ones((m, d))
-        chain(x, ws).block_until_ready()
-        best = float("inf")
-        for _ in range(10):
-            t = time.perf_counter()
-            chain(x, ws).block_until_ready()
-            best = min(best, time.perf_counter() - t)
+        best = best_of(chain, jnp.ones((m, d)), ws)
         gflop = 2 * m * mbytes / 4 / 1e3
         print(f"M={m:3d}: {best * 1e3:7.2f} ms, {mbytes / best / 1e3:5.1f} GB/s of weights, "
               f"{gflop / best:6.1f} GFLOP/s")
+
+
+def native_vs_xla(args):
+    import jax
+    import jax.numpy as jnp
+
+    from jpaged import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        raise SystemExit(f"native kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    d, f, pairs = 576, 1536, args.layers // 2
+    key = jax.random.key(0)
+    ups = [jax.random.normal(jax.random.fold_in(key, i), (f, d)) * 0.05 for i in range(pairs)]
+    downs = [jax.random.normal(jax.random.fold_in(key, 100 + i), (d, f)) * 0.05
+             for i in range(pairs)]
+
+    def chain(mm):
+        @jax.jit
+        def run(x, ups, downs):
+            for u, w in zip(ups, downs):
+                x = jnp.tanh(mm(jnp.tanh(mm(x, u)), w))
+            return x
+        return run
+
+    xla = chain(lambda x, w: jnp.einsum("ti,oi->to", x, w))
+    native = chain(cpu_kernels.matmul_nt)
+    mbytes = 2 * pairs * d * f * 4 / 1e6
+    print(f"{2 * pairs} products x @ w.T, w [1536, 576] and [576, 1536] float32, "
+          f"{mbytes:.0f} MB of weights; best of 10, side by side")
+    for m in (int(r) for r in args.rows.split(",")):
+        x = jax.random.normal(key, (m, d))
+        err = float(jnp.max(jnp.abs(xla(x, ups, downs) - native(x, ups, downs))))
+        assert err < 1e-3, f"native and XLA disagree at M={m}: {err}"
+        t_xla, t_nat = best_of(xla, x, ups, downs), best_of(native, x, ups, downs)
+        gflop = 2 * m * mbytes / 4 / 1e3
+        print(f"M={m:3d}: XLA {t_xla * 1e3:7.2f} ms ({gflop / t_xla:6.1f} GFLOP/s)  native "
+              f"{t_nat * 1e3:7.2f} ms ({gflop / t_nat:6.1f} GFLOP/s)  native/XLA speed "
+              f"{t_xla / t_nat:4.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="1,2,4,8,16,32")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--native", action="store_true",
+                    help="XLA's x @ w.T against the native CPU kernel, side by side")
+    args = ap.parse_args()
+    native_vs_xla(args) if args.native else xla_chain(args)
 
 
 if __name__ == "__main__":

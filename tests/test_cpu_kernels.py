@@ -128,7 +128,7 @@ def test_dispatch(monkeypatch):
 def test_build_failure_falls_back(monkeypatch, tmp_path):
     # No compiler: auto falls back to XLA with the reason kept; native raises.
     monkeypatch.setattr(cpu_kernels, "_state", {})
-    monkeypatch.setenv("JPAGED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("JPAGED_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
     assert cpu_kernels.load() is None

@@ -12,8 +12,8 @@ BENCHMARKS.md):
   rows x weight rows in registers.
 
 They are compiled on first use with the system's C++ compiler (``g++`` or
-``$CXX``, ``-O3 -march=native``) into ``$JPAGED_CACHE_DIR`` (default
-``~/.cache/jpaged``), keyed by the sources, the JAX version and the CPU, then
+``$CXX``, ``-O3 -march=native``) into ``$JPAGED_KERNEL_CACHE`` (default
+``~/.cache/jpaged/kernels``), keyed by the sources, the JAX version and the CPU, then
 registered with ``jax.ffi``; later processes load the built library.
 
 ``JPAGED_CPU_KERNELS`` picks: ``auto`` (the default: the native kernels when
@@ -80,8 +80,9 @@ def library_path() -> str:
             src += f.read()
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + jax.__version__.encode()
                          + _cpu_id().encode()).hexdigest()[:16]
-    root = os.environ.get("JPAGED_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "jpaged")
+    root = os.environ.get("JPAGED_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "jpaged", "kernels")
     return os.path.join(root, f"libjpaged_cpu_{key}.so")
 
 
