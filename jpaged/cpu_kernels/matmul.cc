@@ -1,11 +1,12 @@
 // y[M, N] = x[M, K] . w[N, K]^T in float32 for XLA:CPU, through the XLA FFI.
 //
 // The weights keep Hugging Face's [out, in] layout. For the few rows of a
-// decode step (M up to a few dozen) XLA:CPU's dot runs at about half the
+// decode step (M up to a few dozen) XLA:CPU's dot runs at a fraction of the
 // machine's arithmetic rate; here a register tile of kMR rows of x by kNR rows
-// of w accumulates kMR x kNR sixteen-wide dot products over K, each w tile
-// (kNR x K) is read once from memory and reused from L1 by every row tile,
-// and the output columns are split over XLA's intra-op thread pool.
+// of w accumulates kMR x kNR sixteen-wide dot products over K (summed at the
+// end into one vector by a transposing reduction), each w tile (kNR x K) is
+// read once from memory and reused from L1 by every row tile, and the output
+// columns are split over XLA's intra-op thread pool.
 
 #include <algorithm>
 #include <cstdint>
@@ -21,8 +22,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kNR = 4;  // rows of w (output columns) per tile
-constexpr int kMR = 4;  // rows of x per tile
+constexpr int kNR = 8;  // rows of w (output columns) per tile
+constexpr int kMR = 2;  // rows of x per tile
 
 #if defined(__AVX512F__)
 // Sixteen vectors a[0..15] -> one vector whose lane l is the sum of a[l]'s
@@ -49,66 +50,57 @@ inline __m512 SumEach16(const __m512* a) {
                        _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// One tile: y[m0 : m0 + MR, n0 : n0 + kNR] from K-long rows (MR <= kMR).
-template <int MR>
+// One tile: y[m0 : m0 + MR, n0 : n0 + NR] from K-long rows (MR * NR <= 16).
+template <int MR, int NR>
 inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N) {
-  static_assert(kMR * kNR == 16, "one vector of sums per tile");
-  __m512 acc[kMR * kNR];
-  for (int i = 0; i < kMR * kNR; ++i) acc[i] = _mm512_setzero_ps();
+  static_assert(MR * NR <= 16, "one vector of sums per tile");
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    __m512 wv[kNR];
-    for (int j = 0; j < kNR; ++j) wv[j] = _mm512_loadu_ps(w + j * K + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xv = _mm512_loadu_ps(x + i * K + k);
-      for (int j = 0; j < kNR; ++j)
-        acc[i * kNR + j] = _mm512_fmadd_ps(xv, wv[j], acc[i * kNR + j]);
+    __m512 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_ps(x + i * K + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 wv = _mm512_loadu_ps(w + j * K + k);
+      for (int i = 0; i < MR; ++i) acc[i * NR + j] = _mm512_fmadd_ps(xv[i], wv, acc[i * NR + j]);
     }
   }
   if (k < K) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 wv[kNR];
-    for (int j = 0; j < kNR; ++j) wv[j] = _mm512_maskz_loadu_ps(mask, w + j * K + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * K + k);
-      for (int j = 0; j < kNR; ++j)
-        acc[i * kNR + j] = _mm512_fmadd_ps(xv, wv[j], acc[i * kNR + j]);
+    __m512 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm512_maskz_loadu_ps(mask, x + i * K + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, w + j * K + k);
+      for (int i = 0; i < MR; ++i) acc[i * NR + j] = _mm512_fmadd_ps(xv[i], wv, acc[i * NR + j]);
     }
   }
-  const __m512 sums = SumEach16(acc);  // lane i * kNR + j: y[i][j]
+  const __m512 sums = SumEach16(acc);  // lane i * NR + j: y[i][j]
   alignas(64) float out[16];
   _mm512_store_ps(out, sums);
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) y[i * N + j] = out[i * kNR + j];
+    for (int j = 0; j < NR; ++j) y[i * N + j] = out[i * NR + j];
 }
 #else
-template <int MR>
+template <int MR, int NR>
 inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N) {
-  float acc[MR][kNR] = {};
+  float acc[MR][NR] = {};
   for (int64_t k = 0; k < K; ++k)
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < kNR; ++j) acc[i][j] += x[i * K + k] * w[j * K + k];
+      for (int j = 0; j < NR; ++j) acc[i][j] += x[i * K + k] * w[j * K + k];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) y[i * N + j] = acc[i][j];
+    for (int j = 0; j < NR; ++j) y[i * N + j] = acc[i][j];
 }
 #endif
 
-// Output columns [n0, n1) (n1 - n0 a multiple of kNR) for every row of x.
+// Output columns [n0, n0 + NR) for every row of x: kMR rows at a time, the
+// w tile (NR x K) reused from L1 by each.
+template <int NR>
 void Columns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-             int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n += kNR) {
-    const float* wn = w + n * K;
-    int64_t m = 0;
-    for (; m + kMR <= M; m += kMR) Tile<kMR>(x + m * K, wn, y + m * N + n, K, N);
-    const float* xm = x + m * K;
-    float* ym = y + m * N + n;
-    switch (M - m) {
-      case 3: Tile<3>(xm, wn, ym, K, N); break;
-      case 2: Tile<2>(xm, wn, ym, K, N); break;
-      case 1: Tile<1>(xm, wn, ym, K, N); break;
-      default: break;
-    }
-  }
+             int64_t n) {
+  const float* wn = w + n * K;
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR) Tile<kMR, NR>(x + m * K, wn, y + m * N + n, K, N);
+  if (m < M) Tile<1, NR>(x + m * K, wn, y + m * N + n, K, N);  // kMR is 2
 }
 
 ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -117,17 +109,19 @@ ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("expected x [M, K] and w [N, K]");
   const int64_t M = xd[0], K = xd[1], N = wd[0];
-  if (N % kNR) return ffi::Error::InvalidArgument("N must be a multiple of 4");
+  if (N % 4) return ffi::Error::InvalidArgument("N must be a multiple of 4");
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  // Chunks of columns: enough for every thread, each a multiple of kNR.
+  // Tiles of kNR output columns (and one of 4 if N is not a multiple of
+  // kNR), in chunks: enough for every thread.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t tiles = N / kNR;
-  const int64_t chunks = std::min<int64_t>(tiles, threads * 4);
+  const int64_t tiles = N / kNR, rest = N % kNR;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * 4));
   jpaged::ParallelFor(pool, chunks, [&](int64_t c) {
-    const int64_t t0 = tiles * c / chunks, t1 = tiles * (c + 1) / chunks;
-    Columns(xp, wp, yp, M, K, N, t0 * kNR, t1 * kNR);
+    for (int64_t t = tiles * c / chunks; t < tiles * (c + 1) / chunks; ++t)
+      Columns<kNR>(xp, wp, yp, M, K, N, t * kNR);
+    if (rest && c == chunks - 1) Columns<4>(xp, wp, yp, M, K, N, tiles * kNR);
   });
   return ffi::Error::Success();
 }
