@@ -14,7 +14,8 @@ Example: python scripts/bench_cpu_attention.py
 
 from __future__ import annotations
 
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,9 @@ import numpy as np
 from jpaged import cpu_kernels
 from jpaged.layers.attention import reference_chunk_tokens
 from jpaged.layers.attention_cpu import cpu_paged_attention
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cpu_matmul import best_of
 
 H, KVH, D, BS, NB = 8, 2, 64, 16, 8193
 
@@ -42,16 +46,6 @@ def step(rng, q_lens, ctx, num_seqs=128, num_tokens=512, max_blocks=64):
     lens[:len(ctx)] = ctx
     q = jnp.asarray(rng.standard_normal((num_tokens, H, D), np.float32))
     return q, jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(qsl)
-
-
-def best_of(fn, *args, iters=7):
-    fn(*args).block_until_ready()
-    best = float("inf")
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn(*args).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:
@@ -74,13 +68,13 @@ def main() -> None:
     print(f"one layer: {H} heads, {KVH} KV heads, head_dim {D}, float32, block {BS}")
     for name, (q, tables, lens, qsl) in steps.items():
         chunk = reference_chunk_tokens(q.shape[0], BS)
-        xla = jax.jit(lambda *a: cpu_paged_attention(*a, scale=D ** -0.5, decode_chunk=chunk,
-                                                     native=False))
+        xla = jax.jit(lambda *a, c=chunk: cpu_paged_attention(*a, scale=D ** -0.5, decode_chunk=c,
+                                                               native=False))
         nat = jax.jit(lambda *a: cpu_paged_attention(*a, scale=D ** -0.5, native=True))
         args = (q, k, v, tables, lens, qsl)
         err = float(jnp.max(jnp.abs(xla(*args) - nat(*args))))
         assert err < 1e-4, f"{name}: native and XLA disagree by {err}"
-        t_xla, t_nat = best_of(xla, *args), best_of(nat, *args)
+        t_xla, t_nat = best_of(xla, *args, iters=7), best_of(nat, *args, iters=7)
         print(f"{name:34s} XLA {t_xla * 1e3:7.2f} ms  native {t_nat * 1e3:7.2f} ms  "
               f"native/XLA speed {t_xla / t_nat:5.2f}x")
 

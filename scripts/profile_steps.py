@@ -39,7 +39,7 @@ def op_profile(runner, layout, decode_only, buf, iters=10):
         jax.profiler.start_trace(d)
         runner.replay_last_step(iters)
         jax.profiler.stop_trace()
-        path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
+        path = max(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))
         data = _profile_data.ProfileData.from_file(path)
     excl = collections.Counter()
     for plane in data.planes:
@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.no_attention:
-        import jpaged.layers.attention as attention
+        from jpaged.layers import attention
 
         attention.cpu_paged_attention = lambda q, *a, **k: q
     from jpaged import LLM, SamplingParams

@@ -97,7 +97,10 @@ def _build(path: str) -> None:
     os.close(fd)
     try:
         cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", *_SOURCES, "-o", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except OSError as e:
+            raise RuntimeError(f"cannot run the C++ compiler {cxx!r}: {e}") from e
         if res.returncode:
             raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n"
                                f"{res.stderr[-2000:]}")
