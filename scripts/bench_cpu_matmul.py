@@ -25,12 +25,16 @@ import time
 
 
 def best_of(fn, *args, iters=10):
+    """Best seconds of ``iters`` calls of the jitted ``fn``, after one call that
+    compiles it; asserts that nothing compiled inside the timed calls."""
     fn(*args).block_until_ready()
+    compiled = fn._cache_size()
     best = float("inf")
     for _ in range(iters):
         t = time.perf_counter()
         fn(*args).block_until_ready()
         best = min(best, time.perf_counter() - t)
+    assert fn._cache_size() == compiled, "a timed call compiled"
     return best
 
 

@@ -35,10 +35,12 @@ def op_profile(runner, layout, decode_only, buf, iters=10):
 
     runner._last = (buf, layout, decode_only)
     runner.replay_last_step(3)
+    compiles = runner.num_compiles
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         runner.replay_last_step(iters)
         jax.profiler.stop_trace()
+        assert runner.num_compiles == compiles, "the profiled step compiled"
         path = max(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))
         data = _profile_data.ProfileData.from_file(path)
     excl = collections.Counter()
@@ -119,9 +121,11 @@ def main() -> None:
     print(f"{args.workload}{' (no attention)' if args.no_attention else ''}: "
           f"{len(log)} steps, {wall:.2f} s wall")
     total = 0.0
+    compiles = runner.num_compiles
     for (lay, dec), buf in sorted(last.items(), key=lambda kv: kv[0][0].num_tokens):
         runner._last = (buf, lay, dec)
         secs = runner.replay_last_step(5)
+        assert runner.num_compiles == compiles, "a replayed step compiled"
         total += secs * counts[lay, dec]
         print(f"  {lay.num_tokens:4d} tokens, {lay.num_seqs:4d} seqs: {counts[lay, dec]:4d} steps "
               f"x {secs * 1e3:7.2f} ms = {secs * counts[lay, dec]:6.2f} s")

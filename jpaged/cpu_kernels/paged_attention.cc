@@ -20,7 +20,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -32,7 +31,6 @@ namespace {
 
 constexpr int64_t kTile = 16;  // query tokens per work item
 constexpr int kJ = 16;         // context positions scored at once
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline float Load(const float* p) { return *p; }
 inline float Load(const uint16_t* p) {  // bfloat16
@@ -124,15 +122,6 @@ void Attend(const Shape& sh, const Item& it, const T* q, const T* k_cache, const
       vp[jj] = v_cache + base;
       if (transpose)
         for (int d = 0; d < D; ++d) kt[d * kJ + jj] = Load(kp[jj] + d);
-    }
-    // Prefetch the next chunk's rows: its blocks are anywhere in the cache.
-    for (int64_t j = j0 + kJ; j < std::min<int64_t>(j0 + 2 * kJ, last); ++j) {
-      const int64_t phys = block_tables[it.seq * sh.max_blocks + j / bs];
-      const int64_t base = ((phys * bs + j % bs) * sh.kv_heads + it.kv_head) * D;
-      for (int64_t off = 0; off < D * int64_t{sizeof(T)}; off += 64) {
-        __builtin_prefetch(reinterpret_cast<const char*>(k_cache + base) + off);
-        __builtin_prefetch(reinterpret_cast<const char*>(v_cache + base) + off);
-      }
     }
     for (int64_t r0 = 0; r0 < padded; r0 += R) {
       // Position range each row sees in this chunk: [a, e).
