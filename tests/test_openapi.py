@@ -3,8 +3,10 @@ schemathesis run (its CLI, bounded in examples and time) against the live
 tiny-model server finds no 5xx, no undocumented status or content type, and
 no response (JSON or Server-Sent Event) that contradicts the schema."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -41,7 +43,8 @@ def test_schemathesis_finds_nothing(server, tmp_path):
            "response_schema_conformance",
            "--max-examples", "12", "--max-time", "75", "--seed", "7", "--workers", "1",
            "--request-timeout", "30", "--warnings", "off", "--no-color"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    env = dict(os.environ, SCHEMATHESIS_HOOKS=str(Path(__file__).with_name("schemathesis_hooks.py")))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     out = p.stdout + p.stderr
     assert "Tested: 8" in out, out[-3000:]  # every operation but /openapi.json's own GET
     assert p.returncode == 0, out[-6000:]
