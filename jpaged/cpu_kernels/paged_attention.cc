@@ -10,11 +10,18 @@
 // XLA copies every context chunk out of the cache (with a transpose to put
 // the head axis first) before multiplying it, about three times the memory
 // traffic of reading the cache once. Here each work item (a sequence, a KV
-// head and a tile of up to kTile query tokens) walks its blocks in place:
+// head and a tile of query tokens) walks its blocks in place:
 // one block of K and V for one head (block_size x D floats) is read once and
 // used by every query row of the tile (tile tokens x heads in the group),
 // with an online softmax, in float32. Items are spread over XLA's intra-op
-// thread pool.
+// thread pool, the costliest first.
+//
+// Two inner loops: a tile of many rows (a prefill chunk: tokens x heads of a
+// group) keeps its rows in vector lanes (`AttendTile`): Q is transposed once
+// per item to [D][rows], so a score is a broadcast K element times a vector
+// of rows, the softmax runs on vectors of rows, and P.V is a broadcast V
+// element times a vector of P; nothing of the cache is transposed. A few
+// rows (decodes) take dot products straight from the cache (`AttendRows`).
 
 #include <algorithm>
 #include <cmath>
@@ -29,8 +36,13 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTile = 16;  // query tokens per work item
-constexpr int kJ = 16;         // context positions scored at once
+constexpr int kJ = 16;        // context positions scored at once (AttendRows)
+constexpr int kL = 16;        // float lanes of a vector
+constexpr int kTileRows = 64; // rows (query tokens x heads of a group) per work item
+constexpr int kTileJ = 32;    // context positions scored at once (AttendTile)
+
+typedef float VF __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
 
 inline float Load(const float* p) { return *p; }
 inline float Load(const uint16_t* p) {  // bfloat16
@@ -84,11 +96,42 @@ inline float ExpNonPositive(float x) {
 
 constexpr float kMasked = -1e30f;
 
+// (VF{} + x would add 0.0 to x first: -0.0 + 0.0 is not -0.0.)
+inline VF Splat(float x) { return VF{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+// Keeps v in a register: the compiler would otherwise fold its load into every
+// FMA that uses it, loading it once per use (loads, not FMAs, would bound the
+// loop).
+inline void InRegister(VF& v) {
+#if defined(__GNUC__)
+  asm("" : "+v"(v));
+#endif
+}
+inline VF Max(VF a, VF b) { return a > b ? a : b; }
+
+// ExpNonPositive on every lane (rounding by adding and subtracting 1.5 * 2^23).
+inline VF ExpV(VF x) {
+  x = Max(x, Splat(-87.0f));
+  const VF big = Splat(12582912.0f);
+  const VF n = (x * 1.44269504088896341f + big) - big;
+  const VF r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  VF p = Splat(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  return p * reinterpret_cast<const VF&>(bits);
+}
+
+// A few rows (decodes, short chunks): dot products straight from the cache,
+// R rows at a time so each K and V row is read once for all R.
 template <typename T, int D>
-void Attend(const Shape& sh, const Item& it, const T* q, const T* k_cache, const T* v_cache,
+void AttendRows(const Shape& sh, const Item& it, const T* q, const T* k_cache, const T* v_cache,
             const int32_t* block_tables, int32_t ctx, int32_t q_len, int32_t q_start,
             T* out) {
-  constexpr int R = 4;  // rows handled together: each K and V row read once for all R
+  constexpr int R = 4;
   const int64_t g = sh.heads / sh.kv_heads, bs = sh.block_size;
   const int64_t rows = it.count * g, padded = (rows + R - 1) / R * R;
   // Row r is query token it.first + r / g, head kv_head * g + r % g; rows past
@@ -96,11 +139,6 @@ void Attend(const Shape& sh, const Item& it, const T* q, const T* k_cache, const
   std::vector<float> qs(padded * D, 0.0f), acc(padded * D, 0.0f), m(padded, kMasked),
       l(padded, 0.0f);
   std::vector<int32_t> pos(padded, -(1 << 30));
-  // Many rows (prefill tiles): kJ positions of K transposed once ([D][kJ]), so
-  // a row's kJ scores are kJ-wide vector FMAs over d. Few rows (decodes): dot
-  // products straight from the cache.
-  const bool transpose = rows > 2 * R;
-  std::vector<float> kt(transpose ? D * kJ : 0, 0.0f);
   const T* kp[kJ];
   const T* vp[kJ];
   for (int64_t r = 0; r < rows; ++r) {
@@ -120,8 +158,6 @@ void Attend(const Shape& sh, const Item& it, const T* q, const T* k_cache, const
       const int64_t base = ((phys * bs + j % bs) * sh.kv_heads + it.kv_head) * D;
       kp[jj] = k_cache + base;
       vp[jj] = v_cache + base;
-      if (transpose)
-        for (int d = 0; d < D; ++d) kt[d * kJ + jj] = Load(kp[jj] + d);
     }
     for (int64_t r0 = 0; r0 < padded; r0 += R) {
       // Position range each row sees in this chunk: [a, e).
@@ -137,25 +173,14 @@ void Attend(const Shape& sh, const Item& it, const T* q, const T* k_cache, const
       if (!any) continue;
       alignas(64) float sc[R][kJ] = {};
       const float* qr = qs.data() + r0 * D;
-      if (transpose) {
-        for (int d = 0; d < D; ++d) {  // R x kJ scores in registers
-          const float* kd = kt.data() + d * kJ;
-          for (int r = 0; r < R; ++r) {
-            const float qd = qr[r * D + d];
-#pragma omp simd
-            for (int jj = 0; jj < kJ; ++jj) sc[r][jj] += qd * kd[jj];
-          }
-        }
-      } else {
-        for (int jj = 0; jj < n; ++jj) {
-          alignas(64) float kr[D];
-          for (int d = 0; d < D; ++d) kr[d] = Load(kp[jj] + d);
-          for (int r = 0; r < R; ++r) {
-            float dot = 0.0f;
+      for (int jj = 0; jj < n; ++jj) {
+        alignas(64) float kr[D];
+        for (int d = 0; d < D; ++d) kr[d] = Load(kp[jj] + d);
+        for (int r = 0; r < R; ++r) {
+          float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < D; ++d) dot += qr[r * D + d] * kr[d];
-            sc[r][jj] = dot;
-          }
+          for (int d = 0; d < D; ++d) dot += qr[r * D + d] * kr[d];
+          sc[r][jj] = dot;
         }
       }
       float* ar = acc.data() + r0 * D;
@@ -204,6 +229,149 @@ void Attend(const Shape& sh, const Item& it, const T* q, const T* k_cache, const
   }
 }
 
+// A tile of many rows (prefill chunks), NV vectors of kL rows each: row r is
+// query token it.first + r / g, head kv_head * g + r % g. Q is held
+// transposed ([D][rows], scaled), the output accumulates transposed, and
+// scores are [positions][rows]: every loop is over vectors of rows, with K
+// and V elements broadcast, so the cache is read in place.
+template <typename T, int D, int NV>
+void AttendTile(const Shape& sh, const Item& it, const T* q, const T* k_cache,
+                const T* v_cache, const int32_t* block_tables, int32_t ctx, int32_t q_len,
+                int32_t q_start, T* out) {
+  constexpr int JB = NV <= 2 ? 8 : 4;  // positions per register block of scores
+  constexpr int DB = NV <= 2 ? 8 : 4;  // head dims per register block of P.V
+  const int64_t g = sh.heads / sh.kv_heads, bs = sh.block_size;
+  const int rows = static_cast<int>(it.count * g);
+  std::vector<VF> qt(D * NV), acc(D * NV);  // zeros: padding rows stay 0
+  float* qf = reinterpret_cast<float*>(qt.data());
+  alignas(64) int32_t posa[NV * kL];
+  for (int r = 0; r < NV * kL; ++r) posa[r] = -(1 << 30);  // padding rows see nothing
+  for (int r = 0; r < rows; ++r) {
+    const int64_t t = it.first + r / g, h = it.kv_head * g + r % g;
+    const T* src = q + (t * sh.heads + h) * D;
+    for (int d = 0; d < D; ++d) qf[d * NV * kL + r] = Load(src + d) * sh.scale;
+    posa[r] = ctx - q_len + static_cast<int32_t>(t - q_start);
+  }
+  VI pos[NV];
+  VF m[NV], l[NV];
+  for (int v = 0; v < NV; ++v) {
+    std::memcpy(&pos[v], posa + v * kL, sizeof(VI));
+    m[v] = Splat(kMasked);
+    l[v] = VF{};
+  }
+  const int64_t first_pos = posa[0], last_pos = posa[rows - 1];
+  const int64_t last = std::min<int64_t>(last_pos + 1, ctx);  // causal reach
+  const int64_t lo = sh.window > 0 ? std::max<int64_t>(0, first_pos - sh.window + 1) : 0;
+  const T* kp[kTileJ];
+  const T* vp[kTileJ];
+  alignas(64) VF s[kTileJ][NV];  // scores, then probabilities
+  for (int64_t j0 = lo; j0 < last; j0 += kTileJ) {
+    const int n = static_cast<int>(std::min<int64_t>(kTileJ, last - j0));
+    for (int j = 0; j < kTileJ; ++j) {  // positions past n repeat the first (masked)
+      const int64_t p = j0 + (j < n ? j : 0);
+      const int64_t phys = block_tables[it.seq * sh.max_blocks + p / bs];
+      const int64_t base = ((phys * bs + p % bs) * sh.kv_heads + it.kv_head) * D;
+      kp[j] = k_cache + base;
+      vp[j] = v_cache + base;
+    }
+    // Scores: JB positions x NV row vectors in registers, over d.
+    for (int j1 = 0; j1 < n; j1 += JB) {
+      VF a[JB][NV] = {};
+      for (int d = 0; d < D; ++d) {
+        VF qv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          qv[v] = qt[d * NV + v];
+          InRegister(qv[v]);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < JB; ++j) {
+          const VF kb = Splat(Load(kp[j1 + j] + d));
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) a[j][v] += qv[v] * kb;
+        }
+      }
+      for (int j = 0; j < JB; ++j)
+        for (int v = 0; v < NV; ++v) s[j1 + j][v] = a[j][v];
+    }
+    // Masks only where some row does not see every position of the chunk.
+    const bool edge = n < kTileJ || j0 + kTileJ - 1 > first_pos ||
+                      (sh.window > 0 && j0 < last_pos - sh.window + 1);
+    if (edge) {
+      for (int j = 0; j < kTileJ; ++j) {
+        const VI jv = VI{} + static_cast<int32_t>(j0 + j);
+        for (int v = 0; v < NV; ++v) {
+          VI ok = jv <= pos[v];
+          if (sh.window > 0) ok &= jv > pos[v] - static_cast<int32_t>(sh.window);
+          if (j >= n) ok = VI{};
+          s[j][v] = ok ? s[j][v] : Splat(kMasked);
+        }
+      }
+    }
+    // Online softmax, a vector of rows at a time.
+    VF corr[NV];
+    for (int v = 0; v < NV; ++v) {
+      VF mb = s[0][v];
+      for (int j = 1; j < kTileJ; ++j) mb = Max(mb, s[j][v]);
+      const VF m_new = Max(m[v], mb);
+      corr[v] = ExpV(m[v] - m_new);
+      VF sum = VF{};
+      for (int j = 0; j < kTileJ; ++j) {
+        s[j][v] = ExpV(s[j][v] - m_new);
+        sum += s[j][v];
+      }
+      l[v] = l[v] * corr[v] + sum;
+      m[v] = m_new;
+    }
+    // acc = acc * corr + P V: DB head dims x NV row vectors in registers, over j.
+    for (int d0 = 0; d0 < D; d0 += DB) {
+      VF o[DB][NV];
+      for (int i = 0; i < DB; ++i)
+        for (int v = 0; v < NV; ++v) o[i][v] = acc[(d0 + i) * NV + v] * corr[v];
+      for (int j = 0; j < n; ++j) {
+        VF p[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          p[v] = s[j][v];
+          InRegister(p[v]);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < DB; ++i) {
+          const VF vb = Splat(Load(vp[j] + d0 + i));
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) o[i][v] += p[v] * vb;
+        }
+      }
+      for (int i = 0; i < DB; ++i)
+        for (int v = 0; v < NV; ++v) acc[(d0 + i) * NV + v] = o[i][v];
+    }
+  }
+  alignas(64) float lf[NV * kL];
+  std::memcpy(lf, l, sizeof lf);
+  const float* af = reinterpret_cast<const float*>(acc.data());
+  for (int r = 0; r < rows; ++r) {
+    const int64_t t = it.first + r / g, h = it.kv_head * g + r % g;
+    T* dst = out + (t * sh.heads + h) * D;
+    const float inv = lf[r] > 0.0f ? 1.0f / lf[r] : 0.0f;
+    for (int d = 0; d < D; ++d) Store(dst + d, af[d * NV * kL + r] * inv);
+  }
+}
+
+template <typename T>
+using AttendFn = void (*)(const Shape&, const Item&, const T*, const T*, const T*,
+                          const int32_t*, int32_t, int32_t, int32_t, T*);
+
+template <typename T, int D>
+AttendFn<T> Pick(int64_t rows) {
+  if (rows <= 8 || rows > 4 * kL) return AttendRows<T, D>;
+  switch ((rows + kL - 1) / kL) {
+    case 1: return AttendTile<T, D, 1>;
+    case 2: return AttendTile<T, D, 2>;
+    case 3: return AttendTile<T, D, 3>;
+    default: return AttendTile<T, D, 4>;
+  }
+}
+
 template <typename T>
 ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> block_tables,
@@ -218,6 +386,8 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   T* o = static_cast<T*>(out->untyped_data());
   std::memset(o, 0, out->size_bytes());
   std::vector<Item> items;
+  // Query tokens per item: a tile of up to kTileRows rows.
+  const int64_t g = sh.heads / sh.kv_heads, tile = std::max<int64_t>(1, kTileRows / g);
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int32_t first = std::max(qsl[s], 0), end = std::min<int32_t>(qsl[s + 1], sh.tokens);
     if (end <= first || cl[s] <= 0) continue;
@@ -228,17 +398,25 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
     for (int64_t b = 0; b < need; ++b)
       if (bt[s * sh.max_blocks + b] < 0 || bt[s * sh.max_blocks + b] >= num_blocks)
         return ffi::Error::InvalidArgument("block id out of range");
-    for (int32_t t = first; t < end; t += kTile)
+    for (int32_t t = first; t < end; t += tile)
       for (int32_t h = 0; h < sh.kv_heads; ++h)
         items.push_back({static_cast<int32_t>(s), h, t,
-                         static_cast<int32_t>(std::min<int64_t>(kTile, end - t))});
+                         static_cast<int32_t>(std::min<int64_t>(tile, end - t))});
   }
+  // The costliest items first (context reach x rows), so the last ones to
+  // finish are short.
+  auto cost = [&](const Item& it) {
+    const int32_t s = it.seq, reach = cl[s] - (qsl[s + 1] - qsl[s]) + (it.first - qsl[s]) + it.count;
+    return int64_t{reach} * it.count;
+  };
+  std::stable_sort(items.begin(), items.end(),
+                   [&](const Item& a, const Item& b) { return cost(a) > cost(b); });
   const T* qp = static_cast<const T*>(q.untyped_data());
   const T* kp = static_cast<const T*>(k_cache.untyped_data());
   const T* vp = static_cast<const T*>(v_cache.untyped_data());
-  auto attend = sh.head_dim == 64 ? Attend<T, 64> : Attend<T, 128>;
   jpaged::ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
     const Item& it = items[i];
+    const auto attend = sh.head_dim == 64 ? Pick<T, 64>(it.count * g) : Pick<T, 128>(it.count * g);
     attend(sh, it, qp, kp, vp, bt, cl[it.seq], qsl[it.seq + 1] - qsl[it.seq], qsl[it.seq], o);
   });
   return ffi::Error::Success();
