@@ -328,3 +328,20 @@ def test_min_tokens_boundary_is_exact(llm):
     past = gen(llm, p, SamplingParams(temperature=0, max_tokens=20, min_tokens=k + 1,
                                       stop_token_ids=[target]))[0].outputs[0]
     assert past.token_ids[:k] == full.token_ids[:k] and past.token_ids[k] != target
+
+
+def test_argmax_last_is_jnp_argmax():
+    import jax.numpy as jnp
+
+    from jpaged.sample.sampler import argmax_last
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, [7, 300]] = 50.0  # a tie: the first wins
+    x[2, :] = -np.inf  # every token banned
+    x[3, [10, 20]] = np.nan  # NaN: the first NaN, like jnp.argmax
+    x[4, 999] = 1e30  # the last column
+    x[5, :] = 0.0
+    want = np.asarray(jnp.argmax(jnp.asarray(x), axis=-1))
+    assert want.tolist() == [want[0], 7, 0, 10, 999, 0]
+    np.testing.assert_array_equal(np.asarray(argmax_last(jnp.asarray(x))), want)

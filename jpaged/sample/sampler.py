@@ -87,6 +87,15 @@ def _filter(logits, md: SamplingMetadata):
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
+def argmax_last(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (first maximum; first NaN if any) as two
+    plain reductions: XLA:CPU runs argmax's (value, index) reduction one
+    element at a time (3.5 ms for [32, 49152] floats, 1.3 ms this way)."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where((x == m) | jnp.isnan(x), iota, x.shape[-1]), axis=-1)
+
+
 def _row_keys(md: SamplingMetadata):
     def one(seed, idx, n):
         key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
@@ -113,13 +122,13 @@ def sample(
         ctx = ProcessorContext(token_table, md.token_rows, md.prompt_len + md.output_len)
         x = apply_processors(x, processors, processor_inputs, ctx)
     greedy = md.temperature <= 1e-5
-    greedy_tokens = jnp.argmax(x, axis=-1)
+    greedy_tokens = argmax_last(x)
     x = x / jnp.where(greedy, 1.0, md.temperature)[:, None]
 
     def draw(x):
         x = jax.lax.cond(md.any_filter, lambda l: _filter(l, md), lambda l: l, x)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(_row_keys(md))
-        return jnp.argmax(x + gumbel, axis=-1)
+        return argmax_last(x + gumbel)
 
     sampled = jax.lax.cond(md.any_random, draw, lambda x: greedy_tokens, x)
     tokens = jnp.where(greedy, greedy_tokens, sampled).astype(jnp.int32)
