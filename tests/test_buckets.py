@@ -1,6 +1,7 @@
-"""Token buckets: the CPU backend decodes a lone stream in a one-token step
-(XLA:CPU's matrix-vector path reads weights about twice as fast as its
-2-8 row matrix products); every other step size is unchanged."""
+"""Token buckets: on a CPU a lone stream decodes in a one-token step (a
+one-row product reads the weights faster than 8 padded rows) and steps of 16
+tokens or more have 1.5x buckets (they are bound by arithmetic, so padding
+costs); a GPU has the 1.5x buckets only from 128."""
 
 from jpaged import LLM, SamplingParams
 from jpaged.runner.buckets import bucket_for, token_buckets
@@ -8,10 +9,14 @@ from jpaged.runner.buckets import bucket_for, token_buckets
 
 def test_bucket_lists():
     assert token_buckets(512) == [8, 16, 32, 64, 128, 192, 256, 384, 512]
-    assert token_buckets(512, single_token=True) == [1] + token_buckets(512)
-    assert token_buckets(1, single_token=True) == [1]
-    assert bucket_for(token_buckets(64, single_token=True), 1) == 1
-    assert bucket_for(token_buckets(64, single_token=True), 2) == 8
+    assert token_buckets(512, cpu=True) == [1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
+                                            512]
+    assert token_buckets(16, cpu=True) == [1, 8, 16]
+    assert token_buckets(64, cpu=True) == [1, 8, 16, 24, 32, 48, 64]
+    assert token_buckets(1, cpu=True) == [1]
+    assert bucket_for(token_buckets(64, cpu=True), 1) == 1
+    assert bucket_for(token_buckets(64, cpu=True), 2) == 8
+    assert bucket_for(token_buckets(64, cpu=True), 33) == 48
 
 
 def test_single_stream_decodes_in_a_one_token_step(llama_dir):

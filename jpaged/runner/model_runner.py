@@ -157,7 +157,7 @@ class ModelRunner:
         self.host_kv = [(np.zeros(host_shape, dt), np.zeros(host_shape, dt))
                         for _ in range(model_cfg.num_hidden_layers)] if cfg.num_host_blocks else []
         self.buckets = token_buckets(cfg.max_num_batched_tokens,
-                                     single_token=cfg.backend == "reference")
+                                     cpu=cfg.backend == "reference")
         self.num_compiles = 0
         self._compiled: dict = {}  # (layout, decode_only) -> the executable warm-up built
         # Buckets a step may use: all of them (compiled on first use) unless a
