@@ -202,12 +202,14 @@ def test_engine_step_runs_the_kernel(tmp_path):
     for mode in ("native", "xla"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("JPAGED_CPU_KERNELS", mode)
-            llm = LLM(model, max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
-                      block_size=16)
+            big = 2 * cpu_kernels.MATMUL_MAX_ROWS
+            llm = LLM(model, max_num_seqs=4, max_model_len=256, max_num_batched_tokens=big,
+                      block_size=16, compile_all_buckets=False)
             runner = llm.llm_engine.runner
-            text = runner._lower(runner._step_avals(), 64, False)[1].as_text()
+            text = runner._lower(runner._step_avals(), big, False)[1].as_text()
             assert (cpu_kernels.TARGET in text) == (mode == "native")
-            # 64 token rows: XLA's products, but the lm_head over 4 sequences' rows.
+            # More token rows than the native product takes: XLA's products,
+            # but the lm_head over 4 sequences' rows.
             assert text.count(f"@{cpu_kernels.MATMUL_TARGET}(") == (mode == "native")
             text = runner._lower(runner._step_avals(), 8, False)[1].as_text()
             assert (cpu_kernels.MATMUL_TARGET in text) == (mode == "native")
