@@ -63,6 +63,9 @@ def op_profile(runner, layout, decode_only, buf, iters=10):
     print(f"thread ms per step of {layout.num_tokens} tokens, by kind of XLA thunk:")
     for kind, ns in kinds.most_common(12):
         print(f"  {ns / 1e6 / iters:8.2f}  {kind}")
+    print("the costliest thunks (thread ms per step):")
+    for name, ns in excl.most_common(12):
+        print(f"  {ns / 1e6 / iters:8.3f}  {name}")
 
 
 def main() -> None:

@@ -215,3 +215,28 @@ def test_engine_step_runs_the_kernel(tmp_path):
             assert (cpu_kernels.MATMUL_TARGET in text) == (mode == "native")
             outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs["native"] == outs["xla"]
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 100, 49152])
+def test_argmax_rows_equals_jnp_argmax(n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((7, n)).astype(np.float32)
+    x[1, [0, n // 2, n - 1]] = 50.0  # ties: the first wins
+    x[2, :] = -np.inf  # every token banned
+    x[3, [n - 1, n // 3]] = np.nan  # the first NaN, like jnp.argmax
+    x[4, n - 1] = 1e30  # the last column (in the scalar tail when n % 16)
+    x[5, :] = 0.0
+    x[6, :] = rng.integers(0, 3, n)  # many ties across vector lanes
+    want = np.asarray(jnp.argmax(jnp.asarray(x), axis=-1))
+    got = np.asarray(jax.jit(cpu_kernels.argmax_rows)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_argmax_dispatch():
+    from jpaged.sample.sampler import argmax_last
+
+    x = jnp.zeros((4, 64), jnp.float32)
+    with cpu_kernels.single_device():
+        text = jax.jit(lambda a: argmax_last(a)).lower(x).as_text()
+    assert cpu_kernels.ARGMAX_TARGET in text
+    assert cpu_kernels.ARGMAX_TARGET not in jax.jit(lambda a: argmax_last(a)).lower(x).as_text()

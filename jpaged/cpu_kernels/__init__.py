@@ -1,6 +1,6 @@
 """Native CPU kernels, called from jitted code through the XLA FFI.
 
-Two places where XLA:CPU leaves much of the machine unused (measured in
+Three places where XLA:CPU leaves much of the machine unused (measured in
 BENCHMARKS.md):
 
 * paged attention (``paged_attention.cc``): XLA copies every context chunk
@@ -9,7 +9,9 @@ BENCHMARKS.md):
 * matrix products with a few rows (``matmul.cc``): a decode step's
   ``[M, in] x [out, in]^T`` for 2 <= M <= `MATMUL_MAX_ROWS` runs at about half
   the arithmetic rate XLA reaches with many rows; the kernel keeps a tile of
-  rows x weight rows in registers.
+  rows x weight rows in registers;
+* greedy sampling's row-wise argmax over the vocabulary (``argmax.cc``): XLA
+  reduces (value, index) pairs one element at a time.
 
 They are compiled on first use with the system's C++ compiler (``g++`` or
 ``$CXX``, ``-O3 -march=native``) into ``$JPAGED_KERNEL_CACHE`` (default
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 TARGET = "jpaged_cpu_paged_attention"
 MATMUL_TARGET = "jpaged_cpu_matmul_nt"
+ARGMAX_TARGET = "jpaged_cpu_argmax_rows"
 HEAD_DIMS = (64, 128)  # compiled specializations
 # Rows up to which the native product beats XLA's (scripts/bench_cpu_matmul.py
 # --native --rows 1,2,8,32,48,64,96: 2.2x at 2 rows, 2.1x at 8, 1.3x at 32,
@@ -50,7 +53,7 @@ HEAD_DIMS = (64, 128)  # compiled specializations
 # XLA already runs at the memory bandwidth.
 MATMUL_MAX_ROWS = 64
 _DIR = os.path.dirname(__file__)
-_SOURCES = [os.path.join(_DIR, f) for f in ("paged_attention.cc", "matmul.cc")]
+_SOURCES = [os.path.join(_DIR, f) for f in ("paged_attention.cc", "matmul.cc", "argmax.cc")]
 _HEADERS = [os.path.join(_DIR, "parallel.h")]
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-w"]
 _lock = threading.Lock()
@@ -126,6 +129,8 @@ def load():
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpagedCpuPagedAttention),
                                         platform="cpu")
             jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JpagedCpuMatmulNT),
+                                        platform="cpu")
+            jax.ffi.register_ffi_target(ARGMAX_TARGET, jax.ffi.pycapsule(lib.JpagedCpuArgmaxRows),
                                         platform="cpu")
             _state["lib"] = lib
         except (OSError, RuntimeError, AttributeError) as e:
@@ -206,3 +211,20 @@ def matmul_nt(x, w):
         raise RuntimeError(f"native CPU kernels unavailable: {unavailable_reason()}")
     return jax.ffi.ffi_call(MATMUL_TARGET,
                             jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+
+
+def native_argmax_applies(x) -> bool:
+    """Whether the row-wise argmax of ``x`` (float32 ``[S, V]``) runs the native
+    kernel: on XLA:CPU inside `single_device`."""
+    if (not _single_device.get() or jax.default_backend() != "cpu" or mode() == "xla"
+            or x.ndim != 2 or x.dtype != jnp.float32 or x.shape[1] == 0):
+        return False
+    return load() is not None
+
+
+def argmax_rows(x):
+    """``jnp.argmax(x, axis=-1)`` (int32) for float32 ``x [S, V]``: the first
+    maximum of each row, or its first NaN."""
+    if load() is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {unavailable_reason()}")
+    return jax.ffi.ffi_call(ARGMAX_TARGET, jax.ShapeDtypeStruct((x.shape[0],), jnp.int32))(x)

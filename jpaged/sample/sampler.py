@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jpaged import cpu_kernels
 from jpaged.sample.logits_processors import ProcessorContext, apply_processors
 
 
@@ -88,9 +89,12 @@ def _filter(logits, md: SamplingMetadata):
 
 
 def argmax_last(x: jax.Array) -> jax.Array:
-    """``jnp.argmax(x, axis=-1)`` (first maximum; first NaN if any) as two
-    plain reductions: XLA:CPU runs argmax's (value, index) reduction one
-    element at a time (3.5 ms for [32, 49152] floats, 1.3 ms this way)."""
+    """``jnp.argmax(x, axis=-1)`` (first maximum; first NaN if any): on one CPU
+    device the native kernel, elsewhere two plain reductions (XLA:CPU runs
+    argmax's (value, index) reduction one element at a time: 3.5 ms for
+    [32, 49152] floats; two reductions 1.3 ms, the kernel 0.3 ms)."""
+    if cpu_kernels.native_argmax_applies(x):
+        return cpu_kernels.argmax_rows(x)
     m = jnp.max(x, axis=-1, keepdims=True)
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     return jnp.min(jnp.where((x == m) | jnp.isnan(x), iota, x.shape[-1]), axis=-1)
@@ -123,9 +127,9 @@ def sample(
         x = apply_processors(x, processors, processor_inputs, ctx)
     greedy = md.temperature <= 1e-5
     greedy_tokens = argmax_last(x)
-    x = x / jnp.where(greedy, 1.0, md.temperature)[:, None]
 
-    def draw(x):
+    def draw(x):  # only when some row samples
+        x = x / jnp.where(greedy, 1.0, md.temperature)[:, None]
         x = jax.lax.cond(md.any_filter, lambda l: _filter(l, md), lambda l: l, x)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(_row_keys(md))
         return argmax_last(x + gumbel)
