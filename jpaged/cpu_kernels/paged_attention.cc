@@ -90,6 +90,7 @@ inline VF LoadV(const float* p) {  // any alignment
 struct Item {
   int32_t seq, kv_head, first;  // first query token (absolute index)
   int32_t count;                // query tokens in this tile
+  int32_t num_kv;               // KV heads from kv_head on (AttendRows: all of them)
 };
 
 struct Shape {
@@ -149,56 +150,78 @@ inline VF ExpV(VF x) {
   return p * reinterpret_cast<const VF&>(bits);
 }
 
-// A few rows (decodes, short chunks), R at a time, each K and V row read
-// once for all R, straight from the cache (bfloat16 is widened once per
-// chunk). Scores: two rows x eight positions as sixteen vectors of partial
-// dot products over D, summed at once by `Sum16`.
+// A few rows (decodes, short chunks) of every KV head of a sequence, R at a
+// time, each K and V row read once for all R, straight from the cache
+// (bfloat16 is widened once per chunk). A decode reads each cache block
+// whole (all heads, contiguous) and prefetches the next one: its context was
+// last read a step ago, so it comes from memory, not from a cache. Scores:
+// two rows x eight positions as sixteen vectors of partial dot products over
+// D, summed at once by `Sum16`.
 template <typename T, int D>
 void AttendRows(const Shape& sh, const Item& it, const T* q, const T* k_cache, const T* v_cache,
                 const int32_t* block_tables, int32_t ctx, int32_t q_len, int32_t q_start,
                 T* out) {
   constexpr int R = 4;
   constexpr bool kF32 = std::is_same_v<T, float>;
-  const int64_t g = sh.heads / sh.kv_heads, bs = sh.block_size;
-  const int64_t rows = it.count * g, padded = (rows + R - 1) / R * R;
-  // Row r is query token it.first + r / g, head kv_head * g + r % g; rows past
-  // `rows` are padding whose position (-2^30) sees no context.
+  const int64_t g = sh.heads / sh.kv_heads, bs = sh.block_size, nkv = it.num_kv;
+  // Each KV head's rows, padded to a multiple of R: its row r is query token
+  // it.first + r / g, head (kv_head + head) * g + r % g; padding rows have a
+  // position (-2^30) that sees no context.
+  const int64_t per_head = it.count * g, hp = (per_head + R - 1) / R * R, padded = nkv * hp;
   std::vector<float> qs(padded * D, 0.0f), acc(padded * D, 0.0f), m(padded, kMasked),
       l(padded, 0.0f);
   std::vector<int32_t> pos(padded, -(1 << 30));
-  std::vector<float> widened(kF32 ? 0 : 2 * kJ * D);  // bfloat16 K and V of a chunk
-  const float* kr[kJ];
+  std::vector<float> widened(kF32 ? 0 : 2 * kJ * nkv * D);  // bfloat16 K and V of a chunk
+  const float* kr[kJ];  // position jj's K row of the first head (head x: x * D on)
   const float* vr[kJ];
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = it.first + r / g, h = it.kv_head * g + r % g;
-    const T* src = q + (t * sh.heads + h) * D;
-    for (int d = 0; d < D; ++d) qs[r * D + d] = Load(src + d) * sh.scale;
-    pos[r] = ctx - q_len + static_cast<int32_t>(t - q_start);
-  }
-  const int64_t last = std::min<int64_t>(pos[rows - 1] + 1, ctx);  // causal reach
+  for (int64_t x = 0; x < nkv; ++x)
+    for (int64_t r = 0; r < per_head; ++r) {
+      const int64_t t = it.first + r / g, h = (it.kv_head + x) * g + r % g;
+      const T* src = q + (t * sh.heads + h) * D;
+      for (int d = 0; d < D; ++d) qs[(x * hp + r) * D + d] = Load(src + d) * sh.scale;
+      pos[x * hp + r] = ctx - q_len + static_cast<int32_t>(t - q_start);
+    }
+  const int64_t last = std::min<int64_t>(pos[per_head - 1] + 1, ctx);  // causal reach
   int64_t lo = 0;
   if (sh.window > 0) lo = std::max<int64_t>(0, pos[0] - sh.window + 1);
+  auto row_base = [&](int64_t j) {  // the cache offset of position j, first head
+    const int64_t phys = block_tables[it.seq * sh.max_blocks + j / bs];
+    return ((phys * bs + j % bs) * sh.kv_heads + it.kv_head) * D;
+  };
+  const bool whole = nkv == sh.kv_heads;  // rows of every head: blocks are contiguous
+  // Prefetch (into L2) the K and V blocks of positions [a, e), every head.
+  auto prefetch = [&](int64_t a, int64_t e) {
+    const int64_t line = 64 / sizeof(T), block = bs * sh.kv_heads * D;
+    for (int64_t j = a / bs * bs; j < std::min(e, last); j += bs) {
+      const int64_t b0 = block_tables[it.seq * sh.max_blocks + j / bs] * block;
+      for (int64_t o = 0; o < block; o += line) {
+        __builtin_prefetch(k_cache + b0 + o, 0, 2);
+        __builtin_prefetch(v_cache + b0 + o, 0, 2);
+      }
+    }
+  };
+  if (whole) prefetch(lo, lo + kJ);
   for (int64_t j0 = lo; j0 < last; j0 += kJ) {
     const int n = static_cast<int>(std::min<int64_t>(kJ, last - j0));
+    if (whole) prefetch(j0 + kJ, j0 + 2 * kJ);  // the next chunk, while this one computes
     for (int jj = 0; jj < kJ; ++jj) {  // positions past n repeat the first (masked)
-      const int64_t j = j0 + (jj < n ? jj : 0);
-      const int64_t phys = block_tables[it.seq * sh.max_blocks + j / bs];
-      const int64_t base = ((phys * bs + j % bs) * sh.kv_heads + it.kv_head) * D;
+      const int64_t base = row_base(j0 + (jj < n ? jj : 0));
       if constexpr (kF32) {
         kr[jj] = k_cache + base;
         vr[jj] = v_cache + base;
       } else {
-        float* kw = widened.data() + jj * D;
-        float* vw = widened.data() + (kJ + jj) * D;
-        for (int d = 0; d < D; ++d) {
-          kw[d] = Load(k_cache + base + d);
-          vw[d] = Load(v_cache + base + d);
+        float* kw = widened.data() + jj * nkv * D;
+        float* vw = widened.data() + (kJ + jj) * nkv * D;
+        for (int64_t x = 0; x < nkv * D; ++x) {
+          kw[x] = Load(k_cache + base + x);
+          vw[x] = Load(v_cache + base + x);
         }
         kr[jj] = kw;
         vr[jj] = vw;
       }
     }
     for (int64_t r0 = 0; r0 < padded; r0 += R) {
+      const int64_t off = r0 / hp * D;  // this row group's KV head
       // Position range each row sees in this chunk: [a, e).
       int a[R], e[R];
       bool any = false;
@@ -221,7 +244,7 @@ void AttendRows(const Shape& sh, const Item& it, const T* q, const T* k_cache, c
             InRegister(q1);
 #pragma GCC unroll 8
             for (int i = 0; i < 8; ++i) {
-              const VF kv = LoadV(kr[j1 + i] + d);
+              const VF kv = LoadV(kr[j1 + i] + off + d);
               part[i] += q0 * kv;
               part[8 + i] += q1 * kv;
             }
@@ -258,19 +281,20 @@ void AttendRows(const Shape& sh, const Item& it, const T* q, const T* k_cache, c
         VF o[R];
         for (int r = 0; r < R; ++r) o[r] = LoadV(ar + r * D + d0);
         for (int jj = 0; jj < n; ++jj) {
-          const VF vv = LoadV(vr[jj] + d0);
+          const VF vv = LoadV(vr[jj] + off + d0);
           for (int r = 0; r < R; ++r) o[r] += Splat(sc[r][jj]) * vv;
         }
         for (int r = 0; r < R; ++r) std::memcpy(ar + r * D + d0, &o[r], sizeof(VF));
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = it.first + r / g, h = it.kv_head * g + r % g;
-    T* dst = out + (t * sh.heads + h) * D;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    for (int d = 0; d < D; ++d) Store(dst + d, acc[r * D + d] * inv);
-  }
+  for (int64_t x = 0; x < nkv; ++x)
+    for (int64_t r = 0; r < per_head; ++r) {
+      const int64_t t = it.first + r / g, h = (it.kv_head + x) * g + r % g, i = x * hp + r;
+      T* dst = out + (t * sh.heads + h) * D;
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      for (int d = 0; d < D; ++d) Store(dst + d, acc[i * D + d] * inv);
+    }
 }
 
 // A tile of many rows (prefill chunks), NV vectors of kL rows each: row r is
@@ -405,9 +429,12 @@ template <typename T>
 using AttendFn = void (*)(const Shape&, const Item&, const T*, const T*, const T*,
                           const int32_t*, int32_t, int32_t, int32_t, T*);
 
+// Whether `rows` rows of one KV head take AttendRows (else AttendTile).
+inline bool RowsPath(int64_t rows) { return rows <= 8 || rows > 4 * kL; }
+
 template <typename T, int D>
 AttendFn<T> Pick(int64_t rows) {
-  if (rows <= 8 || rows > 4 * kL) return AttendRows<T, D>;
+  if (RowsPath(rows)) return AttendRows<T, D>;
   switch ((rows + kL - 1) / kL) {
     case 1: return AttendTile<T, D, 1>;
     case 2: return AttendTile<T, D, 2>;
@@ -442,16 +469,22 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
     for (int64_t b = 0; b < need; ++b)
       if (bt[s * sh.max_blocks + b] < 0 || bt[s * sh.max_blocks + b] >= num_blocks)
         return ffi::Error::InvalidArgument("block id out of range");
-    for (int32_t t = first; t < end; t += tile)
+    for (int32_t t = first; t < end; t += tile) {
+      const int32_t count = static_cast<int32_t>(std::min<int64_t>(tile, end - t));
+      if (RowsPath(count * g)) {  // one item for every KV head
+        items.push_back({static_cast<int32_t>(s), 0, t, count,
+                         static_cast<int32_t>(sh.kv_heads)});
+        continue;
+      }
       for (int32_t h = 0; h < sh.kv_heads; ++h)
-        items.push_back({static_cast<int32_t>(s), h, t,
-                         static_cast<int32_t>(std::min<int64_t>(tile, end - t))});
+        items.push_back({static_cast<int32_t>(s), h, t, count, 1});
+    }
   }
   // The costliest items first (context reach x rows), so the last ones to
   // finish are short.
   auto cost = [&](const Item& it) {
     const int32_t s = it.seq, reach = cl[s] - (qsl[s + 1] - qsl[s]) + (it.first - qsl[s]) + it.count;
-    return int64_t{reach} * it.count;
+    return int64_t{reach} * it.count * it.num_kv;
   };
   std::stable_sort(items.begin(), items.end(),
                    [&](const Item& a, const Item& b) { return cost(a) > cost(b); });
