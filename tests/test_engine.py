@@ -166,3 +166,31 @@ def test_chunked_prefill_logits_equal_one_shot(request, arch):
         assert a.keys() == b.keys()
         for tid in a:
             assert abs(a[tid].logprob - b[tid].logprob) < 1e-5, tid
+
+
+def test_lm_head_over_the_first_rows_only_when_they_are_all(llama_dir, monkeypatch):
+    """A step whose sampling rows all lie in the first FEW_LOGIT_ROWS multiplies
+    only those by the lm_head (prefill steps), else all rows (large decode
+    steps): both give the tokens an engine that always multiplies every row
+    gives, and a step of each kind runs."""
+    from jpaged.runner import model_runner
+
+    prompts = make_prompts(seed=5, lens=[1 + (3 * i) % 8 for i in range(44)])
+    cfg = dict(max_num_seqs=48, max_num_batched_tokens=128, max_model_len=256, block_size=8,
+               compile_all_buckets=False)
+    llm = LLM(llama_dir, **cfg)
+    sampled = []
+    run = llm.llm_engine.runner._run
+
+    def logged(buf, layout, decode_only):
+        v = layout.views(np.asarray(buf))
+        sampled.append((layout.num_seqs, int((v["sample_token_rows"] < 48).sum())))
+        return run(buf, layout, decode_only)
+
+    llm.llm_engine.runner._run = logged
+    got = run_greedy(llm, prompts, max_tokens=12)
+    few = model_runner.FEW_LOGIT_ROWS
+    assert any(s > few and n <= few for s, n in sampled), sampled  # the first rows only
+    assert any(s > few and n > few for s, n in sampled)  # every row
+    monkeypatch.setattr(model_runner, "FEW_LOGIT_ROWS", 10 ** 6)
+    assert got == run_greedy(LLM(llama_dir, **cfg), prompts, max_tokens=12)

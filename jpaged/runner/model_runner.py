@@ -68,6 +68,8 @@ from jpaged.sched.output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
+FEW_LOGIT_ROWS = 32  # see ModelRunner._logits
+
 
 def kv_cache_dtype(cfg: ModelConfig, backend: str, kv_dtype: str = "auto"):
     """The KV cache's dtype: float8 e4m3 for ``kv_dtype`` fp8_e4m3 (or its
@@ -227,7 +229,7 @@ class ModelRunner:
         # Encoder-decoder models also take each sequence's encoder length.
         extra = {} if inp.encoder_lens is None else {"encoder_lens": inp.encoder_lens}
         hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md, **extra)
-        logits = model.compute_logits(hidden[inp.logits_indices])  # [S, V]
+        logits = self._logits(model, hidden[inp.logits_indices], inp.sampling.token_rows)
         # Split by vocabulary under TP (so the lm_head never moves), then
         # gathered once, so sampling sees the whole vocabulary.
         logits = jax.lax.with_sharding_constraint(
@@ -244,6 +246,25 @@ class ModelRunner:
                 lambda h: jax.lax.with_sharding_constraint(model.compute_logits(h), self._rep),
                 hidden, inp.plp_targets, max(1, self.cfg.max_logprobs))
         return kv_caches, block_table, token_table, last_tokens, results
+
+    def _logits(self, model, h, token_rows):
+        """The sample rows' logits [S, V]. A step pads its sample rows to S
+        (128 for a 512-token bucket) but a prefill step samples a few: when
+        the rows that sample all lie in the first `FEW_LOGIT_ROWS`, only those
+        are multiplied by the lm_head and the rest are zeros (their tokens
+        are dropped). Measured on the ~32M Llama (vocabulary 8192) on a CPU:
+        the 512-token step's lm_head 6.6 -> 2 ms."""
+        s = h.shape[0]
+        if self.mesh.size > 1 or s <= FEW_LOGIT_ROWS:
+            return model.compute_logits(h)
+        needed = jnp.max(jnp.where(token_rows < self.cfg.max_num_seqs,
+                                   jnp.arange(1, s + 1, dtype=jnp.int32), 0))
+
+        def few(h):
+            out = model.compute_logits(h[:FEW_LOGIT_ROWS])
+            return jnp.pad(out, ((0, s - FEW_LOGIT_ROWS), (0, 0)))
+
+        return jax.lax.cond(needed <= FEW_LOGIT_ROWS, few, model.compute_logits, h)
 
     def _run(self, buf, layout: StepLayout, decode_only: bool):
         if isinstance(buf, np.ndarray):
