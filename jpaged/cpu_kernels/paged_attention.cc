@@ -81,6 +81,16 @@ inline VF Sum16(const VF* a) {
   return b[0];
 }
 
+// op over a vector's lanes (a sum or a max), by halving.
+template <typename Op>
+inline float Fold(VF v, Op op) {
+  v = op(v, __builtin_shuffle(v, VI{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  v = op(v, __builtin_shuffle(v, VI{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  v = op(v, __builtin_shuffle(v, VI{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  v = op(v, __builtin_shuffle(v, VI{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+  return v[0];
+}
+
 inline VF LoadV(const float* p) {  // any alignment
   VF v;
   std::memcpy(&v, p, sizeof v);
@@ -252,26 +262,20 @@ void AttendRows(const Shape& sh, const Item& it, const T* q, const T* k_cache, c
           alignas(64) float sums[kL];
           const VF total = Sum16(part);
           std::memcpy(sums, &total, sizeof sums);
-          for (int i = 0; i < 8; ++i) {
-            sc[r][j1 + i] = sums[i];
-            sc[r + 1][j1 + i] = sums[8 + i];
-          }
+          std::memcpy(&sc[r][j1], sums, 8 * sizeof(float));
+          std::memcpy(&sc[r + 1][j1], sums + 8, 8 * sizeof(float));
         }
       float* ar = acc.data() + r0 * D;
+      static_assert(kJ == kL, "a row's chunk of scores is one vector");
+      const VI lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
       for (int r = 0; r < R; ++r) {
-        float mb = kMasked;
-        for (int jj = 0; jj < kJ; ++jj) {
-          sc[r][jj] = jj >= a[r] && jj < e[r] ? sc[r][jj] : kMasked;
-          mb = std::max(mb, sc[r][jj]);
-        }
-        const float m_new = std::max(m[r0 + r], mb);
+        VF sv = LoadV(sc[r]);
+        sv = (lane >= a[r]) & (lane < e[r]) ? sv : Splat(kMasked);
+        const float m_new = std::max(m[r0 + r], Fold(sv, [](VF x, VF y) { return Max(x, y); }));
         const float corr = ExpNonPositive(m[r0 + r] - m_new);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int jj = 0; jj < kJ; ++jj) {
-          sc[r][jj] = ExpNonPositive(sc[r][jj] - m_new);
-          sum += sc[r][jj];
-        }
+        sv = ExpV(sv - m_new);
+        std::memcpy(sc[r], &sv, sizeof sv);
+        const float sum = Fold(sv, [](VF x, VF y) { return x + y; });
         for (int d = 0; d < D; ++d) ar[r * D + d] *= corr;
         l[r0 + r] = l[r0 + r] * corr + sum;
         m[r0 + r] = m_new;
