@@ -118,12 +118,25 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE. x: [T, heads, head_dim]; positions: [T]."""
+def rope_tables(positions, inv_freq):
+    """RoPE's cos and sin ``[T, head_dim]`` (float32) for positions ``[T]``,
+    computed once a step for every layer's q and k. They come out of a
+    `lax.cond` because XLA would otherwise fuse them into each rotation and
+    recompute them for every head of every layer (5 ms of a 164 ms 512-token
+    CPU step); no fusion crosses a conditional."""
     freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
-    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]
-    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]
+
+    def tables(freqs):
+        emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
+        return jnp.cos(emb), jnp.sin(emb)
+
+    return jax.lax.cond(positions[0] > -(1 << 30), tables, tables, freqs)  # always true
+
+
+def apply_rope(x, rope):
+    """Rotate-half RoPE. x: [T, heads, head_dim]; rope: `rope_tables`."""
+    cos = rope[0].astype(x.dtype)[:, None, :]
+    sin = rope[1].astype(x.dtype)[:, None, :]
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -149,7 +162,7 @@ class Attention(nnx.Module):
         self.scale = d ** -0.5
         self.sliding_window = cfg.sliding_window
 
-    def __call__(self, x, positions, inv_freq, kv_cache, md: AttentionMetadata):
+    def __call__(self, x, rope, kv_cache, md: AttentionMetadata):
         t = x.shape[0]
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.fused:
@@ -160,7 +173,7 @@ class Attention(nnx.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out, kv_cache = paged_attention(q, k, v, kv_cache, md, scale=self.scale,
                                         sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(t, -1)), kv_cache
@@ -194,9 +207,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                                 cfg.jnp_dtype)
 
-    def __call__(self, x, positions, inv_freq, kv_cache, md):
-        h, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq,
-                                     kv_cache, md)
+    def __call__(self, x, rope, kv_cache, md):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, md)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
@@ -236,9 +248,10 @@ class LlamaForCausalLM(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:  # ([T, hidden], kv_caches)
         x = self.model.embed_tokens(input_ids)
         inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a trace-time constant
+        rope = rope_tables(positions, inv_freq)
         new_caches = []
         for i, (layer, kv) in enumerate(zip(self.model.layers, kv_caches)):
-            x, kv = layer(x, positions, inv_freq, kv, md.for_layer(i))
+            x, kv = layer(x, rope, kv, md.for_layer(i))
             new_caches.append(kv)
         return self.model.norm(x), new_caches
 
