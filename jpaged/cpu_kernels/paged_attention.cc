@@ -9,19 +9,20 @@
 // Why a native kernel: XLA cannot fuse a gather into a dot, so attention in
 // XLA copies every context chunk out of the cache (with a transpose to put
 // the head axis first) before multiplying it, about three times the memory
-// traffic of reading the cache once. Here each work item (a sequence, a KV
-// head and a tile of query tokens) walks its blocks in place:
-// one block of K and V for one head (block_size x D floats) is read once and
-// used by every query row of the tile (tile tokens x heads in the group),
-// with an online softmax, in float32. Items are spread over XLA's intra-op
-// thread pool, the costliest first.
+// traffic of reading the cache once. Here each work item walks its
+// sequence's blocks in place, with an online softmax in float32; items are
+// spread over XLA's intra-op thread pool, the costliest first. Two kinds:
 //
-// Two inner loops: a tile of many rows (a prefill chunk: tokens x heads of a
-// group) keeps its rows in vector lanes (`AttendTile`): Q is transposed once
-// per item to [D][rows], so a score is a broadcast K element times a vector
-// of rows, the softmax runs on vectors of rows, and P.V is a broadcast V
-// element times a vector of P; nothing of the cache is transposed. A few
-// rows (decodes) take dot products straight from the cache (`AttendRows`).
+// - a prefill tile (`AttendTile`): one KV head and up to kTileRows rows
+//   (query tokens x the heads of its group), kept in vector lanes: Q is
+//   transposed once per item to [D][rows], so a score is a broadcast K
+//   element times a vector of rows, the softmax runs on vectors of rows,
+//   and P.V is a broadcast V element times a vector of P; nothing of the
+//   cache is transposed;
+// - a few rows (`AttendRows`: decodes, short chunks), for every KV head of
+//   the sequence at once, so each cache block is read whole, with the next
+//   one prefetched; scores are dot products straight from the cache, two
+//   rows x eight positions summed at once.
 
 #include <algorithm>
 #include <cmath>
