@@ -19,6 +19,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if os.environ["JAX_PLATFORMS"] == "cpu":
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Engines freeze the heap after a full collection (engine/llm_engine.freeze_heap),
+# 0.4-1.5 s each in a process that builds hundreds: tests/test_engine.py checks it.
+os.environ.setdefault("JPAGED_GC_FREEZE", "0")
 
 import pytest  # noqa: E402
 

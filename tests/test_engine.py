@@ -194,3 +194,31 @@ def test_lm_head_over_the_first_rows_only_when_they_are_all(llama_dir, monkeypat
     assert any(s > few and n > few for s, n in sampled)  # every row
     monkeypatch.setattr(model_runner, "FEW_LOGIT_ROWS", 10 ** 6)
     assert got == run_greedy(LLM(llama_dir, **cfg), prompts, max_tokens=12)
+
+
+def test_engine_freezes_the_heap_and_collects_a_dropped_engine(llama_dir, monkeypatch):
+    """An engine freezes the heap (full collections then skip the model and
+    the compiled steps); the next engine first collects what a dropped one
+    left in reference cycles, so a gone engine does not stay in memory."""
+    import gc
+    import weakref
+
+    monkeypatch.setenv("JPAGED_GC_FREEZE", "1")
+    cfg = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64,
+               compile_all_buckets=False)
+    gc.unfreeze()
+    try:
+        first = LLM(llama_dir, **cfg)
+        assert gc.get_freeze_count() > 0
+        runner = weakref.ref(first.llm_engine.runner)
+        cycle = [first]
+        cycle.append(cycle)  # garbage only the cyclic collector can free...
+        gc.freeze()  # ...once unfrozen: as if a later freeze had caught it
+        del first, cycle
+        gc.collect()
+        assert runner() is not None
+        second = LLM(llama_dir, **cfg)
+        assert runner() is None
+        assert run_greedy(second, make_prompts(lens=(3, 5)), max_tokens=4)
+    finally:
+        gc.unfreeze()
