@@ -20,8 +20,8 @@
 //   and P.V is a broadcast V element times a vector of P; nothing of the
 //   cache is transposed;
 // - a few rows (`AttendRows`: decodes, short chunks), for every KV head of
-//   the sequence at once, so each cache block is read whole, with the next
-//   one prefetched; scores are dot products straight from the cache, two
+//   the sequence at once, so each cache block is read whole; scores are
+//   dot products straight from the cache, two
 //   rows x eight positions summed at once.
 
 #include <algorithm>
@@ -110,26 +110,6 @@ struct Shape {
   int64_t window;  // 0: no sliding window
 };
 
-// e^x for x <= 0 (scores minus their running max), vectorizable: 2^n times
-// a degree-6 polynomial on [-ln2/2, ln2/2]; relative error about 2e-7.
-// Below -87 it returns 0 (masked scores are kMasked).
-inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 constexpr float kMasked = -1e30f;
 
 // (VF{} + x would add 0.0 to x first: -0.0 + 0.0 is not -0.0.)
@@ -144,7 +124,10 @@ inline void InRegister(VF& v) {
 }
 inline VF Max(VF a, VF b) { return a > b ? a : b; }
 
-// ExpNonPositive on every lane (rounding by adding and subtracting 1.5 * 2^23).
+// e^x for x <= 0 (scores minus their running max), on every lane: 2^n times
+// a degree-6 polynomial on [-ln2/2, ln2/2] (n rounded by adding and
+// subtracting 1.5 * 2^23); relative error about 2e-7. Below -87 it returns
+// about 1.6e-38 (masked scores are kMasked).
 inline VF ExpV(VF x) {
   x = Max(x, Splat(-87.0f));
   const VF big = Splat(12582912.0f);
@@ -164,8 +147,8 @@ inline VF ExpV(VF x) {
 // A few rows (decodes, short chunks) of every KV head of a sequence, R at a
 // time, each K and V row read once for all R, straight from the cache
 // (bfloat16 is widened once per chunk). A decode reads each cache block
-// whole (all heads, contiguous) and prefetches the next one: its context was
-// last read a step ago, so it comes from memory, not from a cache. Scores:
+// whole (all heads, contiguous): its context was last read a step ago, so it
+// comes from memory, not from a cache. Scores:
 // two rows x eight positions as sixteen vectors of partial dot products over
 // D, summed at once by `Sum16`.
 template <typename T, int D>
@@ -199,22 +182,8 @@ void AttendRows(const Shape& sh, const Item& it, const T* q, const T* k_cache, c
     const int64_t phys = block_tables[it.seq * sh.max_blocks + j / bs];
     return ((phys * bs + j % bs) * sh.kv_heads + it.kv_head) * D;
   };
-  const bool whole = nkv == sh.kv_heads;  // rows of every head: blocks are contiguous
-  // Prefetch (into L2) the K and V blocks of positions [a, e), every head.
-  auto prefetch = [&](int64_t a, int64_t e) {
-    const int64_t line = 64 / sizeof(T), block = bs * sh.kv_heads * D;
-    for (int64_t j = a / bs * bs; j < std::min(e, last); j += bs) {
-      const int64_t b0 = block_tables[it.seq * sh.max_blocks + j / bs] * block;
-      for (int64_t o = 0; o < block; o += line) {
-        __builtin_prefetch(k_cache + b0 + o, 0, 2);
-        __builtin_prefetch(v_cache + b0 + o, 0, 2);
-      }
-    }
-  };
-  if (whole) prefetch(lo, lo + kJ);
   for (int64_t j0 = lo; j0 < last; j0 += kJ) {
     const int n = static_cast<int>(std::min<int64_t>(kJ, last - j0));
-    if (whole) prefetch(j0 + kJ, j0 + 2 * kJ);  // the next chunk, while this one computes
     for (int jj = 0; jj < kJ; ++jj) {  // positions past n repeat the first (masked)
       const int64_t base = row_base(j0 + (jj < n ? jj : 0));
       if constexpr (kF32) {
@@ -273,7 +242,7 @@ void AttendRows(const Shape& sh, const Item& it, const T* q, const T* k_cache, c
         VF sv = LoadV(sc[r]);
         sv = (lane >= a[r]) & (lane < e[r]) ? sv : Splat(kMasked);
         const float m_new = std::max(m[r0 + r], Fold(sv, [](VF x, VF y) { return Max(x, y); }));
-        const float corr = ExpNonPositive(m[r0 + r] - m_new);
+        const float corr = ExpV(Splat(m[r0 + r] - m_new))[0];
         sv = ExpV(sv - m_new);
         std::memcpy(sc[r], &sv, sizeof sv);
         const float sum = Fold(sv, [](VF x, VF y) { return x + y; });
