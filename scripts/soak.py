@@ -5,7 +5,9 @@ from concurrent clients under a time cap, then an audit.
 The clients mix completions and chat, JSON and Server-Sent Events, several
 prompts and ``n > 1``, streams dropped mid-way, requests abandoned before
 their answer (aborts), tight ``deadline_ms``, hostile bodies and oversized
-ones. By default the script starts ``jpaged serve`` on 127.0.0.1 with a tiny
+ones. It starts once the server's background warm-up has compiled every
+step bucket (``jpaged:warmup_compiles_pending`` is 0), after a few warm-up
+requests. By default the script starts ``jpaged serve`` on 127.0.0.1 with a tiny
 model (``--url`` points it at a running loopback server instead; then pass
 ``--server-pid`` for the memory check). After the run it checks that: no
 answer was a 5xx (nor a stream's error event); every accepted request ended
@@ -254,6 +256,19 @@ async def settled_metrics(client, url: str, timeout: float = 20.0) -> dict:
         await asyncio.sleep(0.2)
 
 
+async def compiled(client, url: str, t: Tally, timeout: float = 600.0) -> None:
+    """Wait until the server's background warm-up has compiled every bucket."""
+    end = time.monotonic() + timeout
+    while True:
+        m = read_metrics((await client.get(url + "/metrics")).text)
+        if not m.get("jpaged:warmup_compiles_pending"):
+            return
+        if time.monotonic() > end:
+            t.problems.append(f"warm-up compiles still pending after {timeout:.0f} s")
+            return
+        await asyncio.sleep(0.5)
+
+
 def audit(t: Tally, m: dict, rss: list, bound_mib: float, capped: bool) -> dict:
     """The checks of the module docstring; returns the server's counts and the
     memory figures, appending failures to ``t.problems``."""
@@ -309,8 +324,10 @@ async def soak(url: str, num: int, concurrency: int, cap: float, seed: int, pid:
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=60, limits=limits,
                                  headers={"Authorization": f"Bearer {KEY}"}) as client:
-        # Warm-up (not audited for memory): every kind once, so first-use
-        # compiles and caches are in place before the first third is measured.
+        # Warm-up (not audited for memory): the server's background bucket
+        # compiles finish, then every kind runs once, so compiles and caches
+        # are in place before the first third is measured.
+        await compiled(client, url, t)
         warm = asyncio.Queue()
         for i in range(warmup):
             warm.put_nowait((list(KINDS)[i % len(KINDS)], rng.getrandbits(32)))

@@ -55,12 +55,14 @@ def test_background_warmup(llama_dir, backend):
     assert min(sizes) < buckets[-1]  # small steps use their own buckets again
 
 
-def test_before_the_background_is_done_steps_use_ready_buckets(llama_dir, monkeypatch):
+def test_before_the_background_is_done_steps_use_ready_buckets(llama_dir, monkeypatch,
+                                                                request):
     """With the background compile held back, every step runs in one of the two
     buckets compiled up front, and no step compiles."""
     from jpaged.runner import model_runner
 
     gate = model_runner.threading.Event()
+    request.addfinalizer(gate.set)  # a failed check must not hold the thread
     original = model_runner.ModelRunner._compile_rest
 
     def held(self, *a):
@@ -72,6 +74,17 @@ def test_before_the_background_is_done_steps_use_ready_buckets(llama_dir, monkey
     runner = llm.llm_engine.runner
     ends = [runner.buckets[0], runner.buckets[-1]]
     assert runner.ready_buckets == ends and not runner.warmup_done.is_set()
+    # The server's gauge counts the compiles still to come, read at each scrape.
+    from jpaged.serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    metrics.watch(llm.llm_engine)
+
+    def pending():
+        return metrics.registry.get_sample_value("jpaged:warmup_compiles_pending",
+                                                 {"model_name": "m"})
+
+    assert pending() == len(runner.buckets) - 2
     compiles = runner.num_compiles
     sizes = _record_step_sizes(runner)
     out = _greedy(llm, ["Hello there, how", "The capital of"])
@@ -79,6 +92,7 @@ def test_before_the_background_is_done_steps_use_ready_buckets(llama_dir, monkey
     assert set(sizes) <= set(ends) and runner.num_compiles == compiles
     gate.set()
     assert runner.warmup_done.wait(timeout=600) and runner.ready_buckets == runner.buckets
+    assert pending() == 0
 
 
 def test_exit_during_background_warmup_is_clean(llama_dir, tmp_path):

@@ -167,6 +167,7 @@ class ModelRunner:
         self.ready_buckets = list(self.buckets)
         self.warmup_done = threading.Event()
         self.warmup_done.set()
+        self.compiles_pending = 0  # background warm-up compiles not done yet
         self._last: tuple | None = None  # (buf, layout, decode_only) of the last step
         # Explicit shardings in and out: donated buffers keep their layout, and
         # an output's layout never changes the next call's compile key.
@@ -378,6 +379,7 @@ class ModelRunner:
         rest = [v for v in variants if v not in now]
         if rest:
             self.warmup_done.clear()
+            self.compiles_pending = len(rest)
             self._stop_warmup = threading.Event()
             self._warmup_thread = threading.Thread(
                 target=self._compile_rest, args=(avals, rest, start), name="jpaged-warmup",
@@ -406,6 +408,7 @@ class ModelRunner:
                     return
                 layout, lowered = self._lower(avals, t, decode_only)
                 self._compiled[(layout, decode_only)] = lowered.compile()
+                self.compiles_pending -= 1
                 if not decode_only:
                     self.ready_buckets = sorted(set(self.ready_buckets) | {t})
                 logger.info("warm-up (background): bucket of %d tokens%s compiled "
@@ -417,6 +420,7 @@ class ModelRunner:
             logger.exception("background warm-up failed; serving with buckets %s",
                              self.ready_buckets)
         finally:
+            self.compiles_pending = 0
             self.warmup_done.set()
 
     def _warm_swap(self) -> None:

@@ -49,6 +49,9 @@ class ServerMetrics:
         self.waiting = g("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = g("kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
         self.num_compiles = g("num_compiles", "Jitted step compilations so far.")
+        self.compiles_pending = g(
+            "warmup_compiles_pending", "Step buckets the background warm-up has yet to compile "
+            "(until 0 a step may pad to a larger bucket).")
         self.counters = {
             "prefix_cache_queries": c("prefix_cache_queries",
                                       "Prefix cache queries, in tokens."),
@@ -81,6 +84,13 @@ class ServerMetrics:
         self.end_anomalies = c("request_end_anomalies",
                                "Ends of requests that were not open (ended twice or unknown).")
         self._open: set[str] = set()
+
+    def watch(self, engine) -> None:
+        """Read the engine's background warm-up at every scrape (it moves
+        while no step runs)."""
+        runner = getattr(engine, "runner", None)
+        if runner is not None:
+            self.compiles_pending.set_function(lambda: runner.compiles_pending)
 
     # ----------------------------------------------------- loop thread
     def on_step(self, stats) -> None:

@@ -108,6 +108,7 @@ def build_app(llm: AsyncLLM, cfg: ServeConfig, metrics: ServerMetrics | None = N
         metrics.registry.register(DeviceCollector())
     if metrics not in llm.stat_loggers:
         llm.stat_loggers.append(metrics)
+    metrics.watch(llm.engine)
     state = ServerState(llm, cfg, metrics)
     routes = [
         Route("/health", misc.health, methods=["GET"]),
