@@ -145,7 +145,7 @@ def test_build_failure_falls_back(monkeypatch, tmp_path):
         cpu_kernels.load()
 
 
-@pytest.mark.parametrize("m", [2, 3, 5, 6, 7, 8, 13, 32, 47, 64])
+@pytest.mark.parametrize("m", [2, 3, 5, 6, 7, 8, 9, 13, 16, 17, 24, 32, 33, 47, 48, 49, 64])
 @pytest.mark.parametrize("k,n", [(1, 4), (15, 8), (16, 12), (17, 20), (576, 96), (100, 1000)])
 def test_matmul_equals_numpy(m, k, n):
     rng = np.random.default_rng(m * 1000 + k + n)

@@ -1,20 +1,28 @@
 // y[M, N] = x[M, K] . w[N, K]^T in float32 for XLA:CPU, through the XLA FFI.
 //
-// The weights keep Hugging Face's [out, in] layout. For the few rows of a
-// decode step (M up to a few dozen) XLA:CPU's dot runs at a fraction of the
-// machine's arithmetic rate; here a register tile of kMR rows of x by kNR rows
-// of w accumulates kMR x kNR sixteen-wide dot products over K (summed at the
-// end into one vector by a transposing reduction), each w tile (kNR x K) is
-// read once from memory and reused from L1 by every row tile, and the output
-// columns are split over XLA's intra-op thread pool. While the row tiles work
-// on one w tile they prefetch the next into L2 (each a share of its rows), so
-// that reading the weights from memory overlaps the arithmetic instead of
-// stalling the first row tile (scripts/bench_cpu_matmul.py --native: 1.3x at
-// 8 rows on one thread, 1.08x at 32).
+// The weights keep Hugging Face's [out, in] layout; each w tile is read once
+// from memory and reused from L1 by all the rows, the output columns are
+// split over XLA's intra-op thread pool, and while a tile is in use the next
+// one is prefetched into L2 (the rows sharing that out). For the few rows of
+// a decode step XLA:CPU's dot runs at a fraction of the machine's arithmetic
+// rate; two register tilings beat it (scripts/bench_cpu_matmul.py --native):
+//
+// - up to kDotMaxRows rows (`DotProduct`): K in vector lanes, a tile of 2
+//   rows of x by 8 rows of w as sixteen vectors of partial dot products,
+//   summed across lanes at the end: with so few rows the product is bound by
+//   reading w, which this streams in whole cache lines;
+// - more rows (`Product`): x is first transposed into blocks of 16 * MV rows
+//   ([K][rows], the last block zero-padded) and rows sit in vector lanes: a
+//   tile of one block by NR rows of w accumulates over K with one broadcast
+//   element of w per row and k, every FMA's other operand a vector of x's
+//   block, and nothing is summed across lanes. Ten vector loads per sixteen
+//   FMAs in the first tiling, one load and eight broadcasts per sixteen
+//   here: at 32 rows 115.8 -> 158.5 GFLOP/s, at 48 rows (one block of three
+//   vectors) 127 -> 179.
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -27,6 +35,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+constexpr int kDotMaxRows = 8;  // up to here K in lanes (DotProduct), then rows in lanes
 constexpr int kNR = 8;  // rows of w (output columns) per tile
 constexpr int kMR = 2;  // rows of x per tile
 
@@ -58,7 +67,7 @@ inline __m512 SumEach16(const __m512* a) {
 // One tile: y[m0 : m0 + MR, n0 : n0 + NR] from K-long rows (MR * NR <= 16),
 // prefetching `npf` K-long rows from `pf` into L2 on the way.
 template <int MR, int NR>
-inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N,
+inline void DotTile(const float* x, const float* w, float* y, int64_t K, int64_t N,
                  const float* pf, int npf) {
   static_assert(MR * NR <= 16, "one vector of sums per tile");
   __m512 acc[16];
@@ -91,7 +100,7 @@ inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N,
 }
 #else
 template <int MR, int NR>
-inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N,
+inline void DotTile(const float* x, const float* w, float* y, int64_t K, int64_t N,
                  const float*, int) {
   float acc[MR][NR] = {};
   for (int64_t k = 0; k < K; ++k)
@@ -106,7 +115,7 @@ inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N,
 // w tile (NR x K) reused from L1 by each; the row tiles share out the
 // prefetch of the `next` rows of w (the next tile's, up to `end`).
 template <int NR>
-void Columns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+void DotColumns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
              int64_t n, int64_t end) {
   const float* wn = w + n * K;
   const int64_t next = std::max<int64_t>(0, std::min<int64_t>(NR, end - n - NR));
@@ -119,12 +128,185 @@ void Columns(const float* x, const float* w, float* y, int64_t M, int64_t K, int
   };
   for (; m + kMR <= M; m += kMR, ++t) {
     const auto [pf, npf] = share(t);
-    Tile<kMR, NR>(x + m * K, wn, y + m * N + n, K, N, pf, npf);
+    DotTile<kMR, NR>(x + m * K, wn, y + m * N + n, K, N, pf, npf);
   }
   if (m < M) {  // kMR is 2: one row left
     const auto [pf, npf] = share(t);
-    Tile<1, NR>(x + m * K, wn, y + m * N + n, K, N, pf, npf);
+    DotTile<1, NR>(x + m * K, wn, y + m * N + n, K, N, pf, npf);
   }
+}
+
+// The product with K in vector lanes, for M up to kDotMaxRows: tiles of
+// kNR output columns (and one of 4 if N is not a multiple of kNR), in chunks
+// enough for every thread.
+void DotProduct(ffi::ThreadPool& pool, const float* xp, const float* wp, float* yp, int64_t M,
+                int64_t K, int64_t N) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t tiles = N / kNR, rest = N % kNR;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * 4));
+  jpaged::ParallelFor(pool, chunks, [&](int64_t c) {
+    const int64_t t1 = tiles * (c + 1) / chunks;
+    for (int64_t t = tiles * c / chunks; t < t1; ++t)
+      DotColumns<kNR>(xp, wp, yp, M, K, N, t * kNR, t1 * kNR);
+    if (rest && c == chunks - 1) DotColumns<4>(xp, wp, yp, M, K, N, tiles * kNR, N);
+  });
+}
+
+constexpr int kLanes = 16;
+
+#if defined(__AVX512F__)
+// One tile: y[0 : rows, 0 : NR] (row stride N) from a transposed block xt
+// [K][MV * 16] and NR K-long rows of w; prefetches `npf` K-long rows from
+// `pf` into L2 once per 16 steps of k.
+template <int MV, int NR>
+inline void Tile(const float* xt, const float* w, float* y, int64_t K, int64_t N, int64_t rows,
+                 const float* pf, int npf) {
+  constexpr int kMB = MV * kLanes;
+  __m512 acc[MV][NR];
+  for (int i = 0; i < MV; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < K; kb += kLanes) {
+    for (int p = 0; p < npf; ++p)
+      _mm_prefetch(reinterpret_cast<const char*>(pf + p * K + kb), _MM_HINT_T1);
+    const int64_t ke = std::min<int64_t>(K, kb + kLanes);
+    const float* xk = xt + kb * kMB;
+    for (int64_t k = kb; k < ke; ++k, xk += kMB) {
+      __m512 xv[MV];
+      for (int i = 0; i < MV; ++i) xv[i] = _mm512_load_ps(xk + kLanes * i);
+      for (int j = 0; j < NR; ++j) {
+        const __m512 b = _mm512_set1_ps(w[j * K + k]);
+        for (int i = 0; i < MV; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], b, acc[i][j]);
+      }
+    }
+  }
+  alignas(64) float t[kLanes];
+  for (int i = 0; i < MV; ++i) {
+    const int64_t n = std::min<int64_t>(kLanes, rows - kLanes * i);
+    for (int j = 0; j < NR; ++j) {
+      _mm512_store_ps(t, acc[i][j]);
+      for (int64_t l = 0; l < n; ++l) y[(kLanes * i + l) * N + j] = t[l];
+    }
+  }
+}
+#else
+template <int MV, int NR>
+inline void Tile(const float* xt, const float* w, float* y, int64_t K, int64_t N, int64_t rows,
+                 const float*, int) {
+  constexpr int kMB = MV * kLanes;
+  float acc[kMB][NR] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int i = 0; i < kMB; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] += xt[k * kMB + i] * w[j * K + k];
+  for (int64_t i = 0; i < std::min<int64_t>(kMB, rows); ++i)
+    for (int j = 0; j < NR; ++j) y[i * N + j] = acc[i][j];
+}
+#endif
+
+// Output columns [n, n + NR) for every block of x, the w tile (NR x K)
+// reused from L1 by each; the blocks share out the prefetch of the `next`
+// rows of w (the next tile's, up to `end`).
+template <int MV, int NR>
+void Columns(const float* xt, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+             int64_t n, int64_t end) {
+  constexpr int kMB = MV * kLanes;
+  const float* wn = w + n * K;
+  const int64_t next = std::max<int64_t>(0, std::min<int64_t>(NR, end - n - NR));
+  const int64_t blocks = (M + kMB - 1) / kMB, per = (next + blocks - 1) / blocks;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r0 = std::min(next, b * per);
+    Tile<MV, NR>(xt + b * K * kMB, wn, y + b * kMB * N + n, K, N, M - b * kMB,
+                 wn + (NR + r0) * K, static_cast<int>(std::min(per, next - r0)));
+  }
+}
+
+// x [M, K] -> blocks of `mb` rows (a multiple of 16), each [K][mb],
+// zero-padded past row M.
+#if defined(__AVX512F__)
+// Sixteen rows r[0..15] of sixteen values -> c[j] = column j (the rows'
+// element j), by unpacks within 128-bit lanes, then 128-bit lane shuffles.
+inline void Transpose16(const __m512* r, __m512* c) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + j], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + j.
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d e = _mm512_castps_pd(t[4 * i + 2]), f = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, e));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, e));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, f));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, f));
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);  // columns j, 8 + j; rows 0-7
+    t[4 + j] = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xdd);  // columns 4 + j, 12 + j
+    t[8 + j] = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);  // the same, rows 8-15
+    t[12 + j] = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xdd);
+  }
+  for (int j = 0; j < 4; ++j) {
+    c[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    c[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    c[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    c[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
+  }
+}
+
+void Transpose(const float* x, float* xt, int64_t M, int64_t K, int64_t mb) {
+  const int64_t padded = (M + mb - 1) / mb * mb;
+  for (int64_t m0 = 0; m0 < padded; m0 += kLanes) {
+    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(kLanes, M - m0));
+    float* dst = xt + m0 / mb * K * mb + m0 % mb;
+    for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
+      const int64_t kn = std::min<int64_t>(kLanes, K - k0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << kn) - 1);
+      __m512 r[kLanes], c[kLanes];
+      for (int i = 0; i < kLanes; ++i)
+        r[i] = i < rows ? _mm512_maskz_loadu_ps(mask, x + (m0 + i) * K + k0)
+                        : _mm512_setzero_ps();
+      Transpose16(r, c);
+      for (int64_t j = 0; j < kn; ++j) _mm512_storeu_ps(dst + (k0 + j) * mb, c[j]);
+    }
+  }
+}
+#else
+void Transpose(const float* x, float* xt, int64_t M, int64_t K, int64_t mb) {
+  const int64_t blocks = (M + mb - 1) / mb;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t m0 = b * mb, rows = std::min(mb, M - m0);
+    float* dst = xt + b * K * mb;
+    for (int64_t k = 0; k < K; ++k, dst += mb)
+      for (int64_t i = 0; i < mb; ++i) dst[i] = i < rows ? x[(m0 + i) * K + k] : 0.0f;
+  }
+}
+#endif
+
+// The product with blocks of MV vectors of rows and tiles of NR output
+// columns (the last N % NR in tiles of 4), in chunks enough for every thread.
+template <int MV, int NR>
+void Product(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M,
+             int64_t K, int64_t N) {
+  constexpr int kMB = MV * kLanes;
+  // The transposed x lives in a buffer of the calling thread, reused by its
+  // later calls (no allocation, nor page faults, per step).
+  // Aligned to a cache line: each step of k loads whole lines of it.
+  thread_local std::vector<float> xt_buffer;
+  const int64_t need = (M + kMB - 1) / kMB * kMB * K + kLanes;
+  if (static_cast<int64_t>(xt_buffer.size()) < need) xt_buffer.resize(need);
+  float* xt = xt_buffer.data();
+  xt += (kLanes - reinterpret_cast<uintptr_t>(xt) / sizeof(float) % kLanes) % kLanes;
+  Transpose(x, xt, M, K, kMB);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t tiles = N / NR;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * 4));
+  jpaged::ParallelFor(pool, chunks, [&](int64_t c) {
+    const int64_t t1 = tiles * (c + 1) / chunks;
+    for (int64_t t = tiles * c / chunks; t < t1; ++t)
+      Columns<MV, NR>(xt, w, y, M, K, N, t * NR, t1 * NR);
+    if (c == chunks - 1)
+      for (int64_t n = tiles * NR; n < N; n += 4) Columns<MV, 4>(xt, w, y, M, K, N, n, N);
+  });
 }
 
 ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -137,17 +319,14 @@ ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  // Tiles of kNR output columns (and one of 4 if N is not a multiple of
-  // kNR), in chunks: enough for every thread.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t tiles = N / kNR, rest = N % kNR;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * 4));
-  jpaged::ParallelFor(pool, chunks, [&](int64_t c) {
-    const int64_t t1 = tiles * (c + 1) / chunks;
-    for (int64_t t = tiles * c / chunks; t < t1; ++t)
-      Columns<kNR>(xp, wp, yp, M, K, N, t * kNR, t1 * kNR);
-    if (rest && c == chunks - 1) Columns<4>(xp, wp, yp, M, K, N, tiles * kNR, N);
-  });
+  if (M <= kDotMaxRows)
+    DotProduct(pool, xp, wp, yp, M, K, N);
+  else if (M <= kLanes)
+    Product<1, 16>(pool, xp, wp, yp, M, K, N);
+  else if (M <= 2 * kLanes || M > 3 * kLanes)
+    Product<2, 8>(pool, xp, wp, yp, M, K, N);
+  else
+    Product<3, 8>(pool, xp, wp, yp, M, K, N);
   return ffi::Error::Success();
 }
 
