@@ -7,9 +7,9 @@ BENCHMARKS.md):
   out of the cache (gathers and transposes) before multiplying it; the kernel
   reads each cache block in place;
 * matrix products with a few rows (``matmul.cc``): a decode step's
-  ``[M, in] x [out, in]^T`` for 2 <= M <= `MATMUL_MAX_ROWS` runs at about half
-  the arithmetic rate XLA reaches with many rows; the kernel keeps a tile of
-  rows x weight rows in registers;
+  ``[M, in] x [out, in]^T`` for small M runs at about half the arithmetic
+  rate XLA reaches with many rows; the kernel keeps a tile of rows x weight
+  rows in registers, and up to `MATMUL_MAX_ROWS` rows it is the faster;
 * greedy sampling's row-wise argmax over the vocabulary (``argmax.cc``): XLA
   reduces (value, index) pairs one element at a time.
 
@@ -47,11 +47,12 @@ TARGET = "jpaged_cpu_paged_attention"
 MATMUL_TARGET = "jpaged_cpu_matmul_nt"
 ARGMAX_TARGET = "jpaged_cpu_argmax_rows"
 HEAD_DIMS = (64, 128)  # compiled specializations
-# Rows up to which the native product beats XLA's (scripts/bench_cpu_matmul.py
-# --native --rows 1,2,8,32,48,64,96: 2.2x at 2 rows, 2.1x at 8, 1.3x at 32,
-# 1.1x at 48, even at 64, 0.98x at 96); one row is a matrix-vector product
-# XLA already runs at the memory bandwidth.
-MATMUL_MAX_ROWS = 64
+# Rows up to which the native product runs (scripts/bench_cpu_matmul.py
+# --native --rows 2,8,16,32,48,64,96,128,192,256,512: 2.1x XLA's speed at 2
+# rows, 2.0x at 8, 1.9x at 16, 1.7x at 32, 1.5x at 48 and 64, 1.2x at 96,
+# 1.1x at 128 and 192, 1.06x at 256, 1.01x at 512); one row is a
+# matrix-vector product XLA already runs at the memory bandwidth.
+MATMUL_MAX_ROWS = 256
 _DIR = os.path.dirname(__file__)
 _SOURCES = [os.path.join(_DIR, f) for f in ("paged_attention.cc", "matmul.cc", "argmax.cc")]
 _HEADERS = [os.path.join(_DIR, "parallel.h")]

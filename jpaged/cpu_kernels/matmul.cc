@@ -153,6 +153,7 @@ void DotProduct(ffi::ThreadPool& pool, const float* xp, const float* wp, float* 
 }
 
 constexpr int kLanes = 16;
+constexpr int kBlockRows = 3 * kLanes;  // rows of x per block (Product)
 
 #if defined(__AVX512F__)
 // One tile: y[0 : rows, 0 : NR] (row stride N) from a transposed block xt
@@ -202,20 +203,34 @@ inline void Tile(const float* xt, const float* w, float* y, int64_t K, int64_t N
 }
 #endif
 
-// Output columns [n, n + NR) for every block of x, the w tile (NR x K)
-// reused from L1 by each; the blocks share out the prefetch of the `next`
-// rows of w (the next tile's, up to `end`).
-template <int MV, int NR>
+// Output columns [n, n + NR) for every block of x (M / 48 blocks of three
+// vectors of rows, then one of the M % 48 left, if any, in as few vectors
+// as hold them), the w tile (NR x K) reused from L1 by each; the blocks
+// share out the prefetch of the `next` rows of w (the next tile's, up to
+// `end`).
+template <int NR>
 void Columns(const float* xt, const float* w, float* y, int64_t M, int64_t K, int64_t N,
              int64_t n, int64_t end) {
-  constexpr int kMB = MV * kLanes;
   const float* wn = w + n * K;
   const int64_t next = std::max<int64_t>(0, std::min<int64_t>(NR, end - n - NR));
-  const int64_t blocks = (M + kMB - 1) / kMB, per = (next + blocks - 1) / blocks;
+  const int64_t full = M / kBlockRows, rest = M % kBlockRows;
+  const int64_t blocks = full + (rest > 0), per = (next + blocks - 1) / blocks;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t r0 = std::min(next, b * per);
-    Tile<MV, NR>(xt + b * K * kMB, wn, y + b * kMB * N + n, K, N, M - b * kMB,
-                 wn + (NR + r0) * K, static_cast<int>(std::min(per, next - r0)));
+    const float* xb = xt + b * K * kBlockRows;
+    float* yb = y + b * kBlockRows * N + n;
+    const float* pf = wn + (NR + r0) * K;
+    const int npf = static_cast<int>(std::min(per, next - r0));
+    if (b < full) {
+      if constexpr (NR <= 8) Tile<3, NR>(xb, wn, yb, K, N, kBlockRows, pf, npf);
+    } else if (rest <= kLanes) {
+      Tile<1, NR>(xb, wn, yb, K, N, rest, pf, npf);
+    } else if constexpr (NR <= 8) {
+      if (rest <= 2 * kLanes)
+        Tile<2, NR>(xb, wn, yb, K, N, rest, pf, npf);
+      else
+        Tile<3, NR>(xb, wn, yb, K, N, rest, pf, npf);
+    }
   }
 }
 
@@ -282,30 +297,33 @@ void Transpose(const float* x, float* xt, int64_t M, int64_t K, int64_t mb) {
 }
 #endif
 
-// The product with blocks of MV vectors of rows and tiles of NR output
-// columns (the last N % NR in tiles of 4), in chunks enough for every thread.
-template <int MV, int NR>
+// The product with tiles of NR output columns (the last N % NR in tiles of
+// 4), in chunks enough for every thread.
+template <int NR>
 void Product(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M,
              int64_t K, int64_t N) {
-  constexpr int kMB = MV * kLanes;
   // The transposed x lives in a buffer of the calling thread, reused by its
-  // later calls (no allocation, nor page faults, per step).
-  // Aligned to a cache line: each step of k loads whole lines of it.
+  // later calls (no allocation, nor page faults, per step), aligned to a
+  // cache line: each step of k loads whole lines of it.
   thread_local std::vector<float> xt_buffer;
-  const int64_t need = (M + kMB - 1) / kMB * kMB * K + kLanes;
+  const int64_t full = M / kBlockRows, rest = M % kBlockRows;
+  const int64_t tail = (rest + kLanes - 1) / kLanes * kLanes;  // rows of the last block
+  const int64_t need = (full * kBlockRows + tail) * K + kLanes;
   if (static_cast<int64_t>(xt_buffer.size()) < need) xt_buffer.resize(need);
   float* xt = xt_buffer.data();
   xt += (kLanes - reinterpret_cast<uintptr_t>(xt) / sizeof(float) % kLanes) % kLanes;
-  Transpose(x, xt, M, K, kMB);
+  Transpose(x, xt, full * kBlockRows, K, kBlockRows);
+  if (rest)
+    Transpose(x + full * kBlockRows * K, xt + full * kBlockRows * K, rest, K, tail);
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t tiles = N / NR;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * 4));
   jpaged::ParallelFor(pool, chunks, [&](int64_t c) {
     const int64_t t1 = tiles * (c + 1) / chunks;
     for (int64_t t = tiles * c / chunks; t < t1; ++t)
-      Columns<MV, NR>(xt, w, y, M, K, N, t * NR, t1 * NR);
+      Columns<NR>(xt, w, y, M, K, N, t * NR, t1 * NR);
     if (c == chunks - 1)
-      for (int64_t n = tiles * NR; n < N; n += 4) Columns<MV, 4>(xt, w, y, M, K, N, n, N);
+      for (int64_t n = tiles * NR; n < N; n += 4) Columns<4>(xt, w, y, M, K, N, n, N);
   });
 }
 
@@ -322,11 +340,9 @@ ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (M <= kDotMaxRows)
     DotProduct(pool, xp, wp, yp, M, K, N);
   else if (M <= kLanes)
-    Product<1, 16>(pool, xp, wp, yp, M, K, N);
-  else if (M <= 2 * kLanes || M > 3 * kLanes)
-    Product<2, 8>(pool, xp, wp, yp, M, K, N);
+    Product<16>(pool, xp, wp, yp, M, K, N);
   else
-    Product<3, 8>(pool, xp, wp, yp, M, K, N);
+    Product<8>(pool, xp, wp, yp, M, K, N);
   return ffi::Error::Success();
 }
 
