@@ -184,6 +184,19 @@ void AttendRows(const Shape& sh, const Item& it, const T* q, const T* k_cache, c
   };
   for (int64_t j0 = lo; j0 < last; j0 += kJ) {
     const int n = static_cast<int>(std::min<int64_t>(kJ, last - j0));
+    if constexpr (kF32) {
+      // The next chunk's K and V rows, from memory into L2 while this one
+      // computes: a block spans pages, where the hardware's prefetch stops
+      // (30 layers of 32 decodes at context 160, cold: 18.8 -> 15.0 ms).
+      const int64_t j1 = std::min<int64_t>(last, j0 + 2 * kJ);
+      for (int64_t j = j0 + kJ; j < j1; ++j) {
+        const int64_t base = row_base(j);
+        for (int64_t x = 0; x < nkv * D; x += kL) {
+          __builtin_prefetch(k_cache + base + x, 0, 2);
+          __builtin_prefetch(v_cache + base + x, 0, 2);
+        }
+      }
+    }
     for (int jj = 0; jj < kJ; ++jj) {  // positions past n repeat the first (masked)
       const int64_t base = row_base(j0 + (jj < n ? jj : 0));
       if constexpr (kF32) {
