@@ -11,10 +11,14 @@ matrix-vector product at about the memory bandwidth, a few rows at about half.
 runs it (weights stored [out, in], ``x @ w.T``) through XLA's dot and through
 jpaged's native CPU kernel (jpaged/cpu_kernels/matmul.cc): 15 pairs of
 [M, 576] x [1536, 576]^T and [M, 1536] x [576, 1536]^T, with checks that the
-two agree. That table sets `cpu_kernels.MATMUL_MAX_ROWS`.
+two agree. ``--native --llama`` does the same for the four products of each
+of the 8 layers of scripts/bench_throughput.py's ~32M Llama (hidden 512,
+intermediate 1536, 8 heads, 2 KV heads). The two tables set
+`cpu_kernels.MATMUL_MAX_ROWS`.
 
 Example: python scripts/bench_cpu_matmul.py
          python scripts/bench_cpu_matmul.py --native --rows 1,2,4,8,16,32,64,128
+         python scripts/bench_cpu_matmul.py --native --llama --rows 32,64,96,128,256
          XLA_FLAGS=--xla_cpu_use_xnnpack=true python scripts/bench_cpu_matmul.py
 """
 
@@ -69,30 +73,38 @@ def native_vs_xla(args):
 
     if cpu_kernels.load() is None:
         raise SystemExit(f"native kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    d, f, pairs = 576, 1536, args.layers // 2
     key = jax.random.key(0)
-    ups = [jax.random.normal(jax.random.fold_in(key, i), (f, d)) * 0.05 for i in range(pairs)]
-    downs = [jax.random.normal(jax.random.fold_in(key, 100 + i), (d, f)) * 0.05
-             for i in range(pairs)]
+
+    def weights(shapes):  # [out, in] each
+        return [jax.random.normal(jax.random.fold_in(key, i), s) * 0.05
+                for i, s in enumerate(shapes)]
+
+    if args.llama:  # per layer: qkv, o, gate_up, down; each output cut to the next input
+        d, layers = 512, 8
+        ws = weights([(768, 512), (512, 512), (3072, 512), (512, 1536)] * layers)
+        what = f"{len(ws)} products x @ w.T (the ~32M Llama's {layers} layers)"
+    else:
+        d, f = 576, 1536
+        ws = weights([(f, d), (d, f)] * (args.layers // 2))
+        what = f"{len(ws)} products x @ w.T, w [1536, 576] and [576, 1536]"
 
     def chain(mm):
         @jax.jit
-        def run(x, ups, downs):
-            for u, w in zip(ups, downs):
-                x = jnp.tanh(mm(jnp.tanh(mm(x, u)), w))
+        def run(x, ws):
+            for w in ws:
+                x = jnp.tanh(mm(x[:, :w.shape[1]], w))
             return x
         return run
 
     xla = chain(lambda x, w: jnp.einsum("ti,oi->to", x, w))
     native = chain(cpu_kernels.matmul_nt)
-    mbytes = 2 * pairs * d * f * 4 / 1e6
-    print(f"{2 * pairs} products x @ w.T, w [1536, 576] and [576, 1536] float32, "
-          f"{mbytes:.0f} MB of weights; best of 10, side by side")
+    mbytes = sum(w.size for w in ws) * 4 / 1e6
+    print(f"{what} float32, {mbytes:.0f} MB of weights; best of 10, side by side")
     for m in (int(r) for r in args.rows.split(",")):
         x = jax.random.normal(key, (m, d))
-        err = float(jnp.max(jnp.abs(xla(x, ups, downs) - native(x, ups, downs))))
+        err = float(jnp.max(jnp.abs(xla(x, ws) - native(x, ws))))
         assert err < 1e-3, f"native and XLA disagree at M={m}: {err}"
-        t_xla, t_nat = best_of(xla, x, ups, downs), best_of(native, x, ups, downs)
+        t_xla, t_nat = best_of(xla, x, ws), best_of(native, x, ws)
         gflop = 2 * m * mbytes / 4 / 1e3
         print(f"M={m:3d}: XLA {t_xla * 1e3:7.2f} ms ({gflop / t_xla:6.1f} GFLOP/s)  native "
               f"{t_nat * 1e3:7.2f} ms ({gflop / t_nat:6.1f} GFLOP/s)  native/XLA speed "
@@ -105,6 +117,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--native", action="store_true",
                     help="XLA's x @ w.T against the native CPU kernel, side by side")
+    ap.add_argument("--llama", action="store_true",
+                    help="with --native: the ~32M Llama's layer products instead of SmolLM2's MLP")
     args = ap.parse_args()
     native_vs_xla(args) if args.native else xla_chain(args)
 
