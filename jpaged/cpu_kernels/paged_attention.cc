@@ -263,15 +263,23 @@ void AttendRows(const Shape& sh, const Item& it, const T* q, const T* k_cache, c
         l[r0 + r] = l[r0 + r] * corr + sum;
         m[r0 + r] = m_new;
       }
-      // acc += P V, kL columns at a time: an R x kL tile in registers over the chunk.
-      for (int d0 = 0; d0 < D; d0 += kL) {
-        VF o[R];
-        for (int r = 0; r < R; ++r) o[r] = LoadV(ar + r * D + d0);
+      // acc += P V, 64 columns at a time: an R x 64 tile in registers over the
+      // chunk, each V row loaded and each probability broadcast once.
+      constexpr int DV = (D < 64 ? D : 64) / kL;
+      for (int d0 = 0; d0 < D; d0 += DV * kL) {
+        VF o[R][DV];
+        for (int r = 0; r < R; ++r)
+          for (int i = 0; i < DV; ++i) o[r][i] = LoadV(ar + r * D + d0 + i * kL);
         for (int jj = 0; jj < n; ++jj) {
-          const VF vv = LoadV(vr[jj] + off + d0);
-          for (int r = 0; r < R; ++r) o[r] += Splat(sc[r][jj]) * vv;
+          VF vv[DV];
+          for (int i = 0; i < DV; ++i) vv[i] = LoadV(vr[jj] + off + d0 + i * kL);
+          for (int r = 0; r < R; ++r) {
+            const VF p = Splat(sc[r][jj]);
+            for (int i = 0; i < DV; ++i) o[r][i] += p * vv[i];
+          }
         }
-        for (int r = 0; r < R; ++r) std::memcpy(ar + r * D + d0, &o[r], sizeof(VF));
+        for (int r = 0; r < R; ++r)
+          for (int i = 0; i < DV; ++i) std::memcpy(ar + r * D + d0 + i * kL, &o[r][i], sizeof(VF));
       }
     }
   }
