@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -38,6 +40,23 @@ namespace {
 constexpr int kDotMaxRows = 8;  // up to here K in lanes (DotProduct), then rows in lanes
 constexpr int kNR = 8;  // rows of w (output columns) per tile
 constexpr int kMR = 2;  // rows of x per tile
+
+// cols(NR, n, end) for output columns [n, n + NR): tiles of NR, then the last
+// N % NR in tiles of 4 (N is a multiple of 4), in chunks enough for every
+// thread; `end` is the end of the chunk (where the next-tile prefetch stops).
+template <int NR, typename F>
+void ParallelColumns(ffi::ThreadPool& pool, int64_t N, F cols) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t tiles = N / NR;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * 4));
+  jpaged::ParallelFor(pool, chunks, [&](int64_t c) {
+    const int64_t t1 = tiles * (c + 1) / chunks;
+    for (int64_t t = tiles * c / chunks; t < t1; ++t)
+      cols(std::integral_constant<int, NR>{}, t * NR, t1 * NR);
+    if (c == chunks - 1)
+      for (int64_t n = tiles * NR; n < N; n += 4) cols(std::integral_constant<int, 4>{}, n, N);
+  });
+}
 
 #if defined(__AVX512F__)
 // Sixteen vectors a[0..15] -> one vector whose lane l is the sum of a[l]'s
@@ -101,7 +120,7 @@ inline void DotTile(const float* x, const float* w, float* y, int64_t K, int64_t
 #else
 template <int MR, int NR>
 inline void DotTile(const float* x, const float* w, float* y, int64_t K, int64_t N,
-                 const float*, int) {
+                    const float*, int) {
   float acc[MR][NR] = {};
   for (int64_t k = 0; k < K; ++k)
     for (int i = 0; i < MR; ++i)
@@ -116,7 +135,7 @@ inline void DotTile(const float* x, const float* w, float* y, int64_t K, int64_t
 // prefetch of the `next` rows of w (the next tile's, up to `end`).
 template <int NR>
 void DotColumns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-             int64_t n, int64_t end) {
+                int64_t n, int64_t end) {
   const float* wn = w + n * K;
   const int64_t next = std::max<int64_t>(0, std::min<int64_t>(NR, end - n - NR));
   const int64_t tiles = (M + kMR - 1) / kMR, per = (next + tiles - 1) / tiles;
@@ -136,19 +155,11 @@ void DotColumns(const float* x, const float* w, float* y, int64_t M, int64_t K, 
   }
 }
 
-// The product with K in vector lanes, for M up to kDotMaxRows: tiles of
-// kNR output columns (and one of 4 if N is not a multiple of kNR), in chunks
-// enough for every thread.
+// The product with K in vector lanes, for M up to kDotMaxRows.
 void DotProduct(ffi::ThreadPool& pool, const float* xp, const float* wp, float* yp, int64_t M,
                 int64_t K, int64_t N) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t tiles = N / kNR, rest = N % kNR;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * 4));
-  jpaged::ParallelFor(pool, chunks, [&](int64_t c) {
-    const int64_t t1 = tiles * (c + 1) / chunks;
-    for (int64_t t = tiles * c / chunks; t < t1; ++t)
-      DotColumns<kNR>(xp, wp, yp, M, K, N, t * kNR, t1 * kNR);
-    if (rest && c == chunks - 1) DotColumns<4>(xp, wp, yp, M, K, N, tiles * kNR, N);
+  ParallelColumns<kNR>(pool, N, [&](auto nr, int64_t n, int64_t end) {
+    DotColumns<decltype(nr)::value>(xp, wp, yp, M, K, N, n, end);
   });
 }
 
@@ -297,8 +308,7 @@ void Transpose(const float* x, float* xt, int64_t M, int64_t K, int64_t mb) {
 }
 #endif
 
-// The product with tiles of NR output columns (the last N % NR in tiles of
-// 4), in chunks enough for every thread.
+// The product with rows in vector lanes, tiles of NR output columns.
 template <int NR>
 void Product(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M,
              int64_t K, int64_t N) {
@@ -315,15 +325,8 @@ void Product(ffi::ThreadPool& pool, const float* x, const float* w, float* y, in
   Transpose(x, xt, full * kBlockRows, K, kBlockRows);
   if (rest)
     Transpose(x + full * kBlockRows * K, xt + full * kBlockRows * K, rest, K, tail);
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t tiles = N / NR;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * 4));
-  jpaged::ParallelFor(pool, chunks, [&](int64_t c) {
-    const int64_t t1 = tiles * (c + 1) / chunks;
-    for (int64_t t = tiles * c / chunks; t < t1; ++t)
-      Columns<NR>(xt, w, y, M, K, N, t * NR, t1 * NR);
-    if (c == chunks - 1)
-      for (int64_t n = tiles * NR; n < N; n += 4) Columns<4>(xt, w, y, M, K, N, n, N);
+  ParallelColumns<NR>(pool, N, [&](auto nr, int64_t n, int64_t end) {
+    Columns<decltype(nr)::value>(xt, w, y, M, K, N, n, end);
   });
 }
 
