@@ -13,6 +13,10 @@ BENCHMARKS.md):
 * greedy sampling's row-wise argmax over the vocabulary (``argmax.cc``): XLA
   reduces (value, index) pairs one element at a time.
 
+Beside the kernels, `keep_freed_memory` tunes glibc's malloc so that the
+buffers XLA:CPU allocates and frees on every step are not page-faulted in
+afresh each time.
+
 They are compiled on first use with the system's C++ compiler (``g++`` or
 ``$CXX``, ``-O3 -march=native``) into ``$JPAGED_KERNEL_CACHE`` (default
 ``~/.cache/jpaged/kernels``), keyed by the sources, the JAX version and the CPU, then
@@ -48,18 +52,58 @@ MATMUL_TARGET = "jpaged_cpu_matmul_nt"
 ARGMAX_TARGET = "jpaged_cpu_argmax_rows"
 HEAD_DIMS = (64, 128)  # compiled specializations
 # Rows up to which the native product runs. scripts/bench_cpu_matmul.py
-# --native (SmolLM2's MLP shapes): 2.1x XLA's speed at 2 rows, 2.0x at 8,
-# 1.9x at 16, 1.5-1.7x at 32, 1.5x at 48 and 64, 1.1-1.2x at 96, 1.1x at 128
-# and 192; with --llama (the ~32M Llama's layers): 1.67x at 32, 1.17x at 64,
-# 1.06x at 96, 1.00x at 128, 0.75x at 256. One row is a matrix-vector product
-# XLA already runs at the memory bandwidth.
+# --native (SmolLM2's MLP shapes): 2.2x XLA's speed at 2 and 8 rows, 2.0x at
+# 16, 1.85x at 32, 1.4x at 64, 1.1x at 96, 1.2x at 128 and 256; with --llama
+# (the ~32M Llama's layers): 1.9x at 32, 1.3x at 64, 1.2x at 96, 1.1x at 128
+# and 256, 1.0x at 512. Yet in the model XLA's dot fuses its neighbours: the
+# prefill workload of scripts/bench_throughput.py (512-row steps) took 20.4
+# and 20.5 s with this limit and 21.0 and 21.2 s with 512. One row is a
+# matrix-vector product XLA already runs at the memory bandwidth.
 MATMUL_MAX_ROWS = 96
 _DIR = os.path.dirname(__file__)
 _SOURCES = [os.path.join(_DIR, f) for f in ("paged_attention.cc", "matmul.cc", "argmax.cc")]
 _HEADERS = [os.path.join(_DIR, "parallel.h")]
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-w"]
 _lock = threading.Lock()
-_state: dict = {}  # "lib": the loaded library, or "error": why it is unavailable
+_state: dict = {}  # "lib": the loaded library, or "error": why it is unavailable; "malloc"
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Allocations up to this size come from malloc's heap instead of fresh mmaps.
+MALLOC_MMAP_THRESHOLD = 64 << 20
+MALLOC_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory XLA:CPU frees, for the next step.
+
+    XLA:CPU allocates a step's temporary buffers on every run and frees them
+    after it. By default glibc serves allocations of more than a few MiB
+    with fresh ``mmap`` s and returns freed ones to the kernel, so every
+    step faults all its temporary pages in again, zeroed: about 5,100 page
+    faults (20 MiB) a 512-token step on scripts/bench_throughput.py's Llama,
+    about 2.3 us each on this VM, so 148 -> 142 ms a step once they are
+    gone. vLLM's CPU build gets the same from tcmalloc (``LD_PRELOAD``).
+    The cost is that the process keeps its peak heap instead of returning
+    it. Set once per process; ``JPAGED_CPU_MALLOC=default`` leaves malloc
+    alone. Returns whether it applied (glibc only)."""
+    if os.environ.get("JPAGED_CPU_MALLOC", "keep") == "default":
+        return False
+    with _lock:
+        if "malloc" in _state:
+            return _state["malloc"]
+        ok = False
+        try:
+            libc = ctypes.CDLL(None)
+            mallopt = getattr(libc, "mallopt", None)
+            if mallopt is not None and platform.libc_ver()[0] == "glibc":
+                ok = bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
+                    mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+        except OSError:
+            ok = False
+        _state["malloc"] = ok
+        return ok
 
 
 def mode() -> str:

@@ -135,6 +135,8 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, graphdef, params, cfg: RunnerConfig,
                  eos_token_ids=(), mesh=None):
         self.model_cfg, self.graphdef, self.params, self.cfg = model_cfg, graphdef, params, cfg
+        if jax.default_backend() == "cpu":
+            cpu_kernels.keep_freed_memory()  # no page faults on each step's buffers
         self.eos_token_ids = set(eos_token_ids)
         self.max_blocks_per_seq = cdiv(cfg.max_model_len, cfg.block_size)
         self.mesh = mesh = mesh if mesh is not None else make_mesh(1)
