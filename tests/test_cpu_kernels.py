@@ -185,6 +185,51 @@ def test_matmul_dispatch(monkeypatch):
     assert cpu_kernels.MATMUL_TARGET not in lowered(x, w)
 
 
+def mlp_numpy(x, gate_up, down):
+    x, gate_up, down = (a.astype(np.float64) for a in (x, gate_up, down))
+    i = gate_up.shape[0] // 2
+    g, u = x @ gate_up[:i].T, x @ gate_up[i:].T
+    return (g / (1 + np.exp(-g)) * u) @ down.T
+
+
+# Rows: one vector (tiles of 8 intermediate columns), then blocks of 48 and
+# their tails; intermediate sizes with and without a tile of 4 left over.
+@pytest.mark.parametrize("m", [1, 9, 16, 17, 33, 48, 49, 96, 130])
+@pytest.mark.parametrize("k,i,n", [(64, 32, 64), (100, 44, 20), (17, 12, 8), (576, 1536, 576)])
+def test_mlp_equals_numpy(m, k, i, n):
+    rng = np.random.default_rng(m * 1000 + k + i + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    gate_up = (rng.standard_normal((2 * i, k)) * 2 / np.sqrt(k)).astype(np.float32)
+    down = (rng.standard_normal((n, i)) / np.sqrt(i)).astype(np.float32)
+    got = np.asarray(jax.jit(cpu_kernels.mlp)(*map(jnp.asarray, (x, gate_up, down))))
+    np.testing.assert_allclose(got, mlp_numpy(x, gate_up, down), rtol=1e-5,
+                               atol=2e-5 * np.sqrt(k))
+
+
+def test_mlp_bad_shapes_raise():
+    x, gu, down = jnp.ones((16, 64)), jnp.ones((64, 64)), jnp.ones((32, 32))
+    jax.jit(cpu_kernels.mlp)(x, gu, down).block_until_ready()
+    for args in ((x, gu[:, :32], down), (x, gu[:60], down), (x, gu, down[:, :16]),
+                 (x, gu, down[:30])):
+        with pytest.raises(Exception, match="gate_up|multiples of 4"):
+            jax.jit(cpu_kernels.mlp)(*args).block_until_ready()
+
+
+def test_mlp_dispatch():
+    x, gu, down = jnp.ones((16, 64)), jnp.ones((64, 64)), jnp.ones((32, 32))
+    assert not cpu_kernels.native_mlp_applies(x, gu, down)  # not inside single_device
+    with cpu_kernels.single_device():
+        assert cpu_kernels.native_mlp_applies(x, gu, down)
+        assert not cpu_kernels.native_mlp_applies(x[:cpu_kernels.MLP_MIN_ROWS - 1], gu, down)
+        assert not cpu_kernels.native_mlp_applies(
+            jnp.ones((cpu_kernels.MLP_MAX_ROWS + 1, 64)), gu, down)
+        assert not cpu_kernels.native_mlp_applies(x.astype(jnp.bfloat16), gu, down)
+        assert cpu_kernels.native_mlp_applies(x, gu[:56], down[:, :28])  # I = 28
+        assert not cpu_kernels.native_mlp_applies(x, gu[:60], down[:, :30])  # I = 30
+        assert not cpu_kernels.native_mlp_applies(x, gu, down[:, :16])  # down's in is not I
+        assert not cpu_kernels.native_mlp_applies(x, gu, down[:30])  # out not a multiple of 4
+
+
 def test_engine_step_runs_the_kernel(tmp_path):
     """A CPU engine's compiled step calls the kernel, and greedy decoding
     gives the same tokens as with XLA's attention."""
@@ -209,8 +254,10 @@ def test_engine_step_runs_the_kernel(tmp_path):
             text = runner._lower(runner._step_avals(), big, False)[1].as_text()
             assert (cpu_kernels.TARGET in text) == (mode == "native")
             # More token rows than the native product takes: XLA's products,
-            # but the lm_head over 4 sequences' rows.
+            # but the lm_head over 4 sequences' rows, and each layer's MLP
+            # fused.
             assert text.count(f"@{cpu_kernels.MATMUL_TARGET}(") == (mode == "native")
+            assert text.count(f"@{cpu_kernels.MLP_TARGET}(") == 2 * (mode == "native")
             text = runner._lower(runner._step_avals(), 8, False)[1].as_text()
             assert (cpu_kernels.MATMUL_TARGET in text) == (mode == "native")
             outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]

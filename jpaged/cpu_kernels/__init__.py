@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 TARGET = "jpaged_cpu_paged_attention"
 MATMUL_TARGET = "jpaged_cpu_matmul_nt"
+MLP_TARGET = "jpaged_cpu_mlp"
 ARGMAX_TARGET = "jpaged_cpu_argmax_rows"
 HEAD_DIMS = (64, 128)  # compiled specializations
 # Rows up to which the native product runs. scripts/bench_cpu_matmul.py
@@ -176,6 +177,8 @@ def load():
                                         platform="cpu")
             jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JpagedCpuMatmulNT),
                                         platform="cpu")
+            jax.ffi.register_ffi_target(MLP_TARGET, jax.ffi.pycapsule(lib.JpagedCpuMlp),
+                                        platform="cpu")
             jax.ffi.register_ffi_target(ARGMAX_TARGET, jax.ffi.pycapsule(lib.JpagedCpuArgmaxRows),
                                         platform="cpu")
             _state["lib"] = lib
@@ -257,6 +260,38 @@ def matmul_nt(x, w):
         raise RuntimeError(f"native CPU kernels unavailable: {unavailable_reason()}")
     return jax.ffi.ffi_call(MATMUL_TARGET,
                             jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+
+
+# Rows from which, up to which, the fused MLP runs (below it, the product's
+# dot-product tiling does; see matmul.cc).
+MLP_MIN_ROWS = 9
+MLP_MAX_ROWS = 512
+
+
+def native_mlp_applies(x, gate_up, down) -> bool:
+    """Whether the fused MLP ``(silu(x @ gate.T) * (x @ up.T)) @ down.T`` runs
+    natively: as `native_matmul_applies`, float32 x ``[M, K]`` with
+    `MLP_MIN_ROWS` <= M <= `MLP_MAX_ROWS`, gate_up ``[2I, K]`` (gate rows, then
+    up rows) and down ``[N, I]``, I and N multiples of 4."""
+    if (not _single_device.get() or jax.default_backend() != "cpu" or mode() == "xla"
+            or x.ndim != 2 or gate_up.ndim != 2 or down.ndim != 2
+            or not MLP_MIN_ROWS <= x.shape[0] <= MLP_MAX_ROWS
+            or any(a.dtype != jnp.float32 for a in (x, gate_up, down))):
+        return False
+    i2, k = gate_up.shape
+    if k != x.shape[1] or i2 % 8 or down.shape[1] != i2 // 2 or down.shape[0] % 4:
+        return False
+    return load() is not None
+
+
+def mlp(x, gate_up, down):
+    """``(silu(x @ gate.T) * (x @ up.T)) @ down.T`` for float32 x ``[M, K]``,
+    gate_up ``[2I, K]`` (gate rows, then up rows) and down ``[N, I]``."""
+    if load() is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {unavailable_reason()}")
+    return jax.ffi.ffi_call(MLP_TARGET,
+                            jax.ShapeDtypeStruct((x.shape[0], down.shape[0]), jnp.float32))(
+                                x, gate_up, down)
 
 
 def native_argmax_applies(x) -> bool:

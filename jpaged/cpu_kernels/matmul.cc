@@ -22,6 +22,7 @@
 //   stored a row at a time.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -199,30 +200,41 @@ inline void Transpose16(const __m512* r, __m512* c) {
   }
 }
 
-// One tile: y[0 : rows, 0 : NR] (row stride N) from a transposed block xt
-// [K][MV * 16] and NR K-long rows of w; prefetches `npf` K-long rows from
-// `pf` into L2 once per 16 steps of k.
-template <int MV, int NR>
-inline void Tile(const float* xt, const float* w, float* y, int64_t K, int64_t N, int64_t rows,
-                 const float* pf, int npf) {
+// acc[i][j] = the sum over k of vector i of a transposed block xt [K][MV * 16]
+// times element k of w's row j: row j starts at w + j * K, and for kSplit
+// (the fused MLP's gate/up tiles) the second half of the rows `gap` further
+// on. Prefetches rows [p0, p0 + np) of the next tile (based at `pf`,
+// addressed the same way) into L2, once per 16 steps of k.
+template <int MV, int NR, bool kSplit>
+inline void Accumulate(const float* xt, const float* w, int64_t K, int64_t gap, const float* pf,
+                       int p0, int np, __m512 (&acc)[MV][NR]) {
   constexpr int kMB = MV * kLanes;
-  __m512 acc[MV][NR];
+  auto row = [&](int j) { return j * K + (kSplit && j >= NR / 2 ? gap : 0); };
   for (int i = 0; i < MV; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < K; kb += kLanes) {
-    for (int p = 0; p < npf; ++p)
-      _mm_prefetch(reinterpret_cast<const char*>(pf + p * K + kb), _MM_HINT_T1);
+    for (int p = p0; p < p0 + np; ++p)
+      _mm_prefetch(reinterpret_cast<const char*>(pf + row(p) + kb), _MM_HINT_T1);
     const int64_t ke = std::min<int64_t>(K, kb + kLanes);
     const float* xk = xt + kb * kMB;
     for (int64_t k = kb; k < ke; ++k, xk += kMB) {
       __m512 xv[MV];
       for (int i = 0; i < MV; ++i) xv[i] = _mm512_load_ps(xk + kLanes * i);
       for (int j = 0; j < NR; ++j) {
-        const __m512 b = _mm512_set1_ps(w[j * K + k]);
+        const __m512 b = _mm512_set1_ps(w[row(j) + k]);
         for (int i = 0; i < MV; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], b, acc[i][j]);
       }
     }
   }
+}
+
+// One tile: y[0 : rows, 0 : NR] (row stride N) from a transposed block xt
+// [K][MV * 16] and NR K-long rows of w.
+template <int MV, int NR>
+inline void Tile(const float* xt, const float* w, float* y, int64_t K, int64_t N, int64_t rows,
+                 const float* pf, int p0, int np) {
+  __m512 acc[MV][NR];
+  Accumulate<MV, NR, false>(xt, w, K, 0, pf, p0, np, acc);
   // Each vector of sixteen rows is transposed in registers and stored a row
   // (NR contiguous columns) at a time: sixteen stores where element by
   // element took 16 * NR, each to another row (at 512 rows and 3072 columns
@@ -241,10 +253,44 @@ inline void Tile(const float* xt, const float* w, float* y, int64_t K, int64_t N
     }
   }
 }
+
+// e^x on every lane, x clamped to [-87, 88]: 2^n times a degree-6 polynomial
+// on [-ln2/2, ln2/2]; relative error about 2e-7.
+inline __m512 Exp(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One gate/up tile of the fused MLP: intermediate columns [c, c + C) of a
+// block, silu(x . gate) * (x . up), stored transposed ([C][MV * 16] at h):
+// the layout in which the down projection reads its rows. w is gate row c;
+// up row c is `gap` + C rows further on.
+template <int MV, int C>
+inline void GateUpTile(const float* xt, const float* w, int64_t gap, float* h, int64_t K,
+                       const float* pf, int p0, int np) {
+  constexpr int kMB = MV * kLanes;
+  __m512 acc[MV][2 * C];
+  Accumulate<MV, 2 * C, true>(xt, w, K, gap, pf, p0, np, acc);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int i = 0; i < MV; ++i)
+    for (int q = 0; q < C; ++q) {
+      const __m512 g = acc[i][q];  // silu(g) = g / (1 + e^-g)
+      const __m512 e = Exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
+      _mm512_store_ps(h + q * kMB + kLanes * i, _mm512_mul_ps(silu, acc[i][C + q]));
+    }
+}
 #else
 template <int MV, int NR>
 inline void Tile(const float* xt, const float* w, float* y, int64_t K, int64_t N, int64_t rows,
-                 const float*, int) {
+                 const float*, int, int) {
   constexpr int kMB = MV * kLanes;
   float acc[kMB][NR] = {};
   for (int64_t k = 0; k < K; ++k)
@@ -253,37 +299,74 @@ inline void Tile(const float* xt, const float* w, float* y, int64_t K, int64_t N
   for (int64_t i = 0; i < std::min<int64_t>(kMB, rows); ++i)
     for (int j = 0; j < NR; ++j) y[i * N + j] = acc[i][j];
 }
+
+template <int MV, int C>
+inline void GateUpTile(const float* xt, const float* w, int64_t gap, float* h, int64_t K,
+                       const float*, int, int) {
+  constexpr int kMB = MV * kLanes;
+  for (int q = 0; q < C; ++q)
+    for (int i = 0; i < kMB; ++i) {
+      float g = 0.0f, u = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        g += xt[k * kMB + i] * w[q * K + k];
+        u += xt[k * kMB + i] * w[(C + q) * K + gap + k];
+      }
+      h[q * kMB + i] = g / (1.0f + std::exp(-g)) * u;
+    }
+}
 #endif
 
-// Output columns [n, n + NR) for every block of x (M / 48 blocks of three
-// vectors of rows, then one of the M % 48 left, if any, in as few vectors
-// as hold them), the w tile (NR x K) reused from L1 by each; the blocks
-// share out the prefetch of the `next` rows of w (the next tile's, up to
-// `end`).
+// Calls tile(mv, b, rows, p0, np) for every block b of x: M / 48 blocks of
+// three vectors of rows (mv), then one of the M % 48 left, if any, in as
+// few vectors as hold them. The blocks share out the prefetch of the next
+// tile's `next` rows of w: block b takes rows [p0, p0 + np).
+template <typename F>
+void ForBlocks(int64_t M, int64_t next, F tile) {
+  const int64_t full = M / kBlockRows, rest = M % kBlockRows;
+  const int64_t blocks = full + (rest > 0), per = (next + blocks - 1) / blocks;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int p0 = static_cast<int>(std::min(next, b * per));
+    const int np = static_cast<int>(std::min(per, next - p0));
+    const int64_t rows = b < full ? kBlockRows : rest;
+    if (rows <= kLanes)
+      tile(std::integral_constant<int, 1>{}, b, rows, p0, np);
+    else if (rows <= 2 * kLanes)
+      tile(std::integral_constant<int, 2>{}, b, rows, p0, np);
+    else
+      tile(std::integral_constant<int, 3>{}, b, rows, p0, np);
+  }
+}
+
+// Output columns [n, n + NR) for every block of x, the w tile (NR x K)
+// reused from L1 by each (16 columns only for up to 16 rows: one vector).
 template <int NR>
 void Columns(const float* xt, const float* w, float* y, int64_t M, int64_t K, int64_t N,
              int64_t n, int64_t end) {
   const float* wn = w + n * K;
   const int64_t next = std::max<int64_t>(0, std::min<int64_t>(NR, end - n - NR));
-  const int64_t full = M / kBlockRows, rest = M % kBlockRows;
-  const int64_t blocks = full + (rest > 0), per = (next + blocks - 1) / blocks;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t r0 = std::min(next, b * per);
-    const float* xb = xt + b * K * kBlockRows;
-    float* yb = y + b * kBlockRows * N + n;
-    const float* pf = wn + (NR + r0) * K;
-    const int npf = static_cast<int>(std::min(per, next - r0));
-    if (b < full) {
-      if constexpr (NR <= 8) Tile<3, NR>(xb, wn, yb, K, N, kBlockRows, pf, npf);
-    } else if (rest <= kLanes) {
-      Tile<1, NR>(xb, wn, yb, K, N, rest, pf, npf);
-    } else if constexpr (NR <= 8) {
-      if (rest <= 2 * kLanes)
-        Tile<2, NR>(xb, wn, yb, K, N, rest, pf, npf);
-      else
-        Tile<3, NR>(xb, wn, yb, K, N, rest, pf, npf);
-    }
-  }
+  ForBlocks(M, next, [&](auto mv, int64_t b, int64_t rows, int p0, int np) {
+    constexpr int MV = decltype(mv)::value;
+    if constexpr (MV * NR <= 24)
+      Tile<MV, NR>(xt + b * K * kBlockRows, wn, y + b * kBlockRows * N + n, K, N, rows,
+                   wn + NR * K, p0, np);
+  });
+}
+
+// The fused MLP's intermediate columns [c, c + C) for every block of x,
+// into the transposed blocks of h ([I][48] each, the last [I][its rows]).
+// gate_up is [2I, K]: the gate rows, then the up rows.
+template <int C>
+void GateUpColumns(const float* xt, const float* gate_up, float* ht, int64_t M, int64_t K,
+                   int64_t I, int64_t c, int64_t end) {
+  const float* wc = gate_up + c * K;
+  const int64_t gap = (I - C) * K;  // tile row j >= C: up column c + j - C
+  const int64_t next = end - c >= 2 * C ? 2 * C : 0;  // the next tile's rows, if whole
+  ForBlocks(M, next, [&](auto mv, int64_t b, int64_t rows, int p0, int np) {
+    constexpr int MV = decltype(mv)::value;
+    if constexpr (MV * 2 * C <= 24)
+      GateUpTile<MV, C>(xt + b * K * kBlockRows, wc, gap,
+                        ht + b * I * kBlockRows + c * MV * kLanes, K, wc + C * K, p0, np);
+  });
 }
 
 // x [M, K] -> blocks of `mb` rows (a multiple of 16), each [K][mb],
@@ -318,26 +401,38 @@ void Transpose(const float* x, float* xt, int64_t M, int64_t K, int64_t mb) {
 }
 #endif
 
-// The product with rows in vector lanes, tiles of NR output columns.
-template <int NR>
-void Product(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M,
-             int64_t K, int64_t N) {
-  // The transposed x lives in a buffer of the calling thread, reused by its
-  // later calls (no allocation, nor page faults, per step), aligned to a
-  // cache line: each step of k loads whole lines of it.
-  thread_local std::vector<float> xt_buffer;
+// x transposed into blocks (full 48-row blocks, then the M % 48 rows left in
+// as few vectors as hold them), in a buffer of the calling thread, reused by
+// its later calls (no allocation, nor page faults, per step) and aligned to
+// a cache line: each step of k loads whole lines of it. `slot` picks one of
+// two buffers (the fused MLP holds x's and h's at once).
+float* TransposedBlocks(const float* x, int64_t M, int64_t K, int slot) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& buffer = buffers[slot];
   const int64_t full = M / kBlockRows, rest = M % kBlockRows;
   const int64_t tail = (rest + kLanes - 1) / kLanes * kLanes;  // rows of the last block
   const int64_t need = (full * kBlockRows + tail) * K + kLanes;
-  if (static_cast<int64_t>(xt_buffer.size()) < need) xt_buffer.resize(need);
-  float* xt = xt_buffer.data();
+  if (static_cast<int64_t>(buffer.size()) < need) buffer.resize(need);
+  float* xt = buffer.data();
   xt += (kLanes - reinterpret_cast<uintptr_t>(xt) / sizeof(float) % kLanes) % kLanes;
-  Transpose(x, xt, full * kBlockRows, K, kBlockRows);
-  if (rest)
-    Transpose(x + full * kBlockRows * K, xt + full * kBlockRows * K, rest, K, tail);
-  ParallelColumns<NR>(pool, N, [&](auto nr, int64_t n, int64_t end) {
+  if (x != nullptr) {
+    Transpose(x, xt, full * kBlockRows, K, kBlockRows);
+    if (rest) Transpose(x + full * kBlockRows * K, xt + full * kBlockRows * K, rest, K, tail);
+  }
+  return xt;
+}
+
+// y = x . w^T from x's transposed blocks, tiles of 16 output columns for up
+// to 16 rows (one vector), else of 8.
+void ProductOfBlocks(ffi::ThreadPool& pool, const float* xt, const float* w, float* y,
+                     int64_t M, int64_t K, int64_t N) {
+  auto cols = [&](auto nr, int64_t n, int64_t end) {
     Columns<decltype(nr)::value>(xt, w, y, M, K, N, n, end);
-  });
+  };
+  if (M <= kLanes)
+    ParallelColumns<16>(pool, N, cols);
+  else
+    ParallelColumns<8>(pool, N, cols);
 }
 
 ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -352,10 +447,35 @@ ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   float* yp = y->typed_data();
   if (M <= kDotMaxRows)
     DotProduct(pool, xp, wp, yp, M, K, N);
-  else if (M <= kLanes)
-    Product<16>(pool, xp, wp, yp, M, K, N);
   else
-    Product<8>(pool, xp, wp, yp, M, K, N);
+    ProductOfBlocks(pool, TransposedBlocks(xp, M, K, 0), wp, yp, M, K, N);
+  return ffi::Error::Success();
+}
+
+// The MLP of Llama-family models, y = (silu(x . gate^T) * (x . up^T)) . down^T,
+// in two passes over x's transposed blocks: the gate/up tiles leave h in
+// the transposed blocks the down projection reads, so h is never written
+// row by row, transposed again, nor passed through a separate silu * up.
+ffi::Error Mlp(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gate_up,
+               ffi::Buffer<ffi::F32> down, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), gd = gate_up.dimensions(), dd = down.dimensions();
+  if (xd.size() != 2 || gd.size() != 2 || dd.size() != 2 || gd[1] != xd[1] || gd[0] % 2 ||
+      dd[1] != gd[0] / 2)
+    return ffi::Error::InvalidArgument("expected x [M, K], gate_up [2I, K] and down [N, I]");
+  const int64_t M = xd[0], K = xd[1], I = gd[0] / 2, N = dd[0];
+  if (I % 4 || N % 4) return ffi::Error::InvalidArgument("I and N must be multiples of 4");
+  if (M == 0) return ffi::Error::Success();
+  const float* xt = TransposedBlocks(x.typed_data(), M, K, 0);
+  float* ht = TransposedBlocks(nullptr, M, I, 1);
+  const float* gu = gate_up.typed_data();
+  auto gate_up_cols = [&](auto cc, int64_t c, int64_t end) {
+    GateUpColumns<decltype(cc)::value>(xt, gu, ht, M, K, I, c, end);
+  };
+  if (M <= kLanes)
+    ParallelColumns<8>(pool, I, gate_up_cols);
+  else
+    ParallelColumns<4>(pool, I, gate_up_cols);
+  ProductOfBlocks(pool, ht, down.typed_data(), y->typed_data(), M, I, N);
   return ffi::Error::Success();
 }
 
@@ -366,4 +486,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedCpuMatmulNT, MatmulNT,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedCpuMlp, Mlp,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gate_up
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // down
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jpaged import cpu_kernels
 from jpaged.config.model import ModelConfig
 from jpaged.distributed.sharding import AXES_KEY, kv_heads_axis, tp_size
 from jpaged.layers.attention import AttentionMetadata, paged_attention
-from jpaged.layers.linear import dense, embed
+from jpaged.layers.linear import dense, embed, is_quantized
 
 KVCache = list  # [(k_cache, v_cache)] per layer, see jpaged.layers.attention
 
@@ -194,6 +195,11 @@ class MLP(nnx.Module):
     def __call__(self, x):
         if not self.fused:
             return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up_w, down_w = self.gate_up_proj.weight.get_value(), self.down_proj.weight.get_value()
+        if (self.gate_up_proj.bias is None and self.down_proj.bias is None
+                and not is_quantized(gate_up_w) and not is_quantized(down_w)
+                and cpu_kernels.native_mlp_applies(x, gate_up_w, down_w)):
+            return cpu_kernels.mlp(x, gate_up_w, down_w)  # one native kernel on a CPU
         gate_up = self.gate_up_proj(x)  # [T, 2 * I]
         i = self.intermediate_size
         return self.down_proj(jax.nn.silu(gate_up[:, :i]) * gate_up[:, i:])
