@@ -16,9 +16,14 @@ of the 8 layers of scripts/bench_throughput.py's ~32M Llama (hidden 512,
 intermediate 1536, 8 heads, 2 KV heads). The two tables set
 `cpu_kernels.MATMUL_MAX_ROWS`.
 
+``--mlp`` times the whole MLP, x + down(silu(gate(x)) * up(x)), through XLA's
+products, the native product and the fused native MLP (`cpu_kernels.mlp`),
+which sets `cpu_kernels.MLP_MAX_ROWS`.
+
 Example: python scripts/bench_cpu_matmul.py
          python scripts/bench_cpu_matmul.py --native --rows 1,2,4,8,16,32,64,128
          python scripts/bench_cpu_matmul.py --native --llama --rows 32,64,96,128,256
+         python scripts/bench_cpu_matmul.py --mlp --llama --rows 16,96,512
          XLA_FLAGS=--xla_cpu_use_xnnpack=true python scripts/bench_cpu_matmul.py
 """
 
@@ -112,6 +117,56 @@ def native_vs_xla(args):
               f"{t_xla / t_nat:4.2f}x")
 
 
+def mlp_vs_xla(args):
+    """The Llama MLP x + down(silu(gate(x)) * up(x)) of 8 layers (--llama's
+    shapes) or 30 (SmolLM2's), three ways side by side: XLA's products, the
+    native product for each, and the fused native MLP."""
+    import jax
+    import jax.numpy as jnp
+
+    from jpaged import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        raise SystemExit(f"native kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    cpu_kernels.keep_freed_memory()
+    key = jax.random.key(0)
+    d, i, layers = (512, 1536, 8) if args.llama else (576, 1536, 30)
+    ws = [(jax.random.normal(jax.random.fold_in(key, 2 * n), (2 * i, d)) * 0.05,
+           jax.random.normal(jax.random.fold_in(key, 2 * n + 1), (d, i)) * 0.05)
+          for n in range(layers)]
+
+    def chain(mlp):
+        @jax.jit
+        def run(x, ws):
+            for gate_up, down in ws:
+                x = x + mlp(x, gate_up, down)
+            return x
+        return run
+
+    def unfused(mm):
+        def mlp(x, gate_up, down):
+            h = mm(x, gate_up)
+            return mm(jax.nn.silu(h[:, :i]) * h[:, i:], down)
+        return mlp
+
+    runs = {"XLA": chain(unfused(lambda x, w: jnp.einsum("ti,oi->to", x, w))),
+            "native products": chain(unfused(cpu_kernels.matmul_nt)),
+            "fused": chain(cpu_kernels.mlp)}
+    print(f"{layers} MLPs [{d} -> 2 x {i} -> {d}] float32; best of 10, side by side")
+    for m in (int(r) for r in args.rows.split(",")):
+        x = jax.random.normal(key, (m, d))
+        want = runs["XLA"](x, ws)
+        times = {}
+        for name, fn in runs.items():
+            err = float(jnp.max(jnp.abs(fn(x, ws) - want) / (1 + jnp.abs(want))))
+            assert err < 1e-3, f"{name} and XLA disagree at M={m}: {err}"
+            times[name] = best_of(fn, x, ws)
+        gflop = 2 * m * 3 * d * i * layers / 1e9
+        print(f"M={m:3d}: " + "  ".join(f"{name} {t * 1e3:7.2f} ms ({gflop / t:5.1f} GFLOP/s)"
+                                        for name, t in times.items())
+              + f"  fused/XLA speed {times['XLA'] / times['fused']:4.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,2,4,8,16,32")
@@ -119,9 +174,14 @@ def main() -> None:
     ap.add_argument("--native", action="store_true",
                     help="XLA's x @ w.T against the native CPU kernel, side by side")
     ap.add_argument("--llama", action="store_true",
-                    help="with --native: the ~32M Llama's layer products instead of SmolLM2's MLP")
+                    help="with --native or --mlp: the ~32M Llama's shapes instead of SmolLM2's")
+    ap.add_argument("--mlp", action="store_true",
+                    help="the whole MLP: XLA, native products, and the fused native MLP")
     args = ap.parse_args()
-    native_vs_xla(args) if args.native else xla_chain(args)
+    if args.mlp:
+        mlp_vs_xla(args)
+    else:
+        native_vs_xla(args) if args.native else xla_chain(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Native CPU kernels, called from jitted code through the XLA FFI.
 
-Three places where XLA:CPU leaves much of the machine unused (measured in
+Four places where XLA:CPU leaves much of the machine unused (measured in
 BENCHMARKS.md):
 
 * paged attention (``paged_attention.cc``): XLA copies every context chunk
@@ -10,6 +10,10 @@ BENCHMARKS.md):
   ``[M, in] x [out, in]^T`` for small M runs at about half the arithmetic
   rate XLA reaches with many rows; the kernel keeps a tile of rows x weight
   rows in registers, and up to `MATMUL_MAX_ROWS` rows it is the faster;
+* the Llama MLP (``matmul.cc``'s ``Mlp``): XLA writes the gate/up product
+  out, reads it back for ``silu(gate) * up`` and transposes it again for the
+  down projection; the kernel applies silu * up in registers and leaves h in
+  the layout the down projection's tiles read (9 to `MLP_MAX_ROWS` rows);
 * greedy sampling's row-wise argmax over the vocabulary (``argmax.cc``): XLA
   reduces (value, index) pairs one element at a time.
 

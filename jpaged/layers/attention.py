@@ -77,6 +77,38 @@ class AttentionMetadata:
         return dataclasses.replace(self, kv_scale=tuple(self.kv_scales[i]))
 
 
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class RowSelection:
+    """The rows a model's last layer computes past its K/V write: only the
+    tokens whose logits the step samples. Every layer's K and V still go to
+    the cache for all tokens; the last layer's attention, o_proj and MLP (and
+    the final norm) then run on ``rows`` only: a 512-token prefill step
+    samples at most 128 rows, most often a handful.
+
+    ``md`` attends those rows: row j is its own sequence, one query token at
+    its position, over its sequence's blocks (context 0, so zeros, for rows
+    that sample nothing); it keeps the step's ``slot_mapping`` for the K/V
+    write."""
+
+    rows: jax.Array  # [S] int32 token index of each selected row
+    md: AttentionMetadata
+
+
+def select_rows(md: AttentionMetadata, rows, positions, wanted) -> RowSelection:
+    """A `RowSelection` of token indices ``rows`` [S] (each the last token of
+    its sequence's chunk, as the step's ``logits_indices`` are), ``positions``
+    [T] the step's positions and ``wanted`` [S] bool which rows matter."""
+    seq = jnp.searchsorted(md.query_start_loc[1:], rows, side="right")
+    seq = jnp.minimum(seq, md.block_tables.shape[0] - 1)
+    s = rows.shape[0]
+    sel = dataclasses.replace(
+        md, block_tables=md.block_tables[seq],
+        context_lens=jnp.where(wanted, positions[rows] + 1, 0).astype(jnp.int32),
+        query_start_loc=jnp.arange(s + 1, dtype=jnp.int32), decode_only=False)
+    return RowSelection(rows=rows, md=sel)
+
+
 def write_kv(
     k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]

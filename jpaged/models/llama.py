@@ -21,6 +21,7 @@ returned, never stored on the module.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -31,7 +32,7 @@ from flax import nnx
 from jpaged import cpu_kernels
 from jpaged.config.model import ModelConfig
 from jpaged.distributed.sharding import AXES_KEY, kv_heads_axis, tp_size
-from jpaged.layers.attention import AttentionMetadata, paged_attention
+from jpaged.layers.attention import AttentionMetadata, RowSelection, paged_attention
 from jpaged.layers.linear import dense, embed, is_quantized
 
 KVCache = list  # [(k_cache, v_cache)] per layer, see jpaged.layers.attention
@@ -163,7 +164,8 @@ class Attention(nnx.Module):
         self.scale = d ** -0.5
         self.sliding_window = cfg.sliding_window
 
-    def __call__(self, x, rope, kv_cache, md: AttentionMetadata):
+    def __call__(self, x, rope, kv_cache, md: AttentionMetadata,
+                 select: RowSelection | None = None):
         t = x.shape[0]
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.fused:
@@ -175,9 +177,11 @@ class Attention(nnx.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if select is not None:  # every token's K/V, the selected rows' queries
+            q, md = q[select.rows], select.md
         out, kv_cache = paged_attention(q, k, v, kv_cache, md, scale=self.scale,
                                         sliding_window=self.sliding_window)
-        return self.o_proj(out.reshape(t, -1)), kv_cache
+        return self.o_proj(out.reshape(q.shape[0], -1)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -213,9 +217,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                                 cfg.jnp_dtype)
 
-    def __call__(self, x, rope, kv_cache, md):
-        h, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, md)
-        x = x + h
+    def __call__(self, x, rope, kv_cache, md, select: RowSelection | None = None):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, md, select)
+        x = (x if select is None else x[select.rows]) + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
 
@@ -238,6 +242,8 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     """Decoder-only LM; also serves MistralForCausalLM and Qwen2ForCausalLM."""
 
+    supports_row_selection = True  # __call__ takes select= (`RowSelection`)
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.config = cfg
         self.model = LlamaModel(cfg, rngs)
@@ -251,13 +257,18 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array,  # [T] int32
         kv_caches: KVCache,
         md: AttentionMetadata,
-    ) -> tuple[jax.Array, KVCache]:  # ([T, hidden], kv_caches)
+        select: RowSelection | None = None,
+    ) -> tuple[jax.Array, KVCache]:  # ([T, hidden] or [S, hidden] selected, kv_caches)
         x = self.model.embed_tokens(input_ids)
         inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a trace-time constant
         rope = rope_tables(positions, inv_freq)
         new_caches = []
+        last = len(self.model.layers) - 1
         for i, (layer, kv) in enumerate(zip(self.model.layers, kv_caches)):
-            x, kv = layer(x, rope, kv, md.for_layer(i))
+            sel = None
+            if select is not None and i == last:
+                sel = dataclasses.replace(select, md=select.md.for_layer(i))
+            x, kv = layer(x, rope, kv, md.for_layer(i), sel)
             new_caches.append(kv)
         return self.model.norm(x), new_caches
 

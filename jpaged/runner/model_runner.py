@@ -55,7 +55,7 @@ from jpaged.config.model import ModelConfig
 from jpaged.distributed.mesh import make_mesh
 from jpaged.distributed.sharding import (
     kv_cache_heads, kv_cache_spec, logits_spec, param_shardings, replicated)
-from jpaged.layers.attention import AttentionMetadata
+from jpaged.layers.attention import AttentionMetadata, select_rows
 from jpaged.layers.kv_quant import FP8, resolve_kv_cache_dtype
 from jpaged.models.bart import hide_encoder_tokens
 from jpaged.runner.buckets import bucket_for, token_buckets
@@ -231,8 +231,13 @@ class ModelRunner:
         model = nnx.merge(self.graphdef, params)
         # Encoder-decoder models also take each sequence's encoder length.
         extra = {} if inp.encoder_lens is None else {"encoder_lens": inp.encoder_lens}
+        if self._selects_rows(model, layout):
+            extra["select"] = select_rows(md, inp.logits_indices, inp.positions,
+                                          inp.sampling.token_rows < self.cfg.max_num_seqs)
         hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md, **extra)
-        logits = self._logits(model, hidden[inp.logits_indices], inp.sampling.token_rows)
+        if "select" not in extra:
+            hidden_all, hidden = hidden, hidden[inp.logits_indices]
+        logits = self._logits(model, hidden, inp.sampling.token_rows)
         # Split by vocabulary under TP (so the lm_head never moves), then
         # gathered once, so sampling sees the whole vocabulary.
         logits = jax.lax.with_sharding_constraint(
@@ -247,8 +252,19 @@ class ModelRunner:
         if layout.prompt_logprobs:  # every token's logits, scored against the prompt
             results += score_prompt(
                 lambda h: jax.lax.with_sharding_constraint(model.compute_logits(h), self._rep),
-                hidden, inp.plp_targets, max(1, self.cfg.max_logprobs))
+                hidden_all, inp.plp_targets, max(1, self.cfg.max_logprobs))
         return kv_caches, block_table, token_table, last_tokens, results
+
+    def _selects_rows(self, model, layout: StepLayout) -> bool:
+        """Whether the step's last layer runs on the sample rows only
+        (`jpaged.layers.attention.RowSelection`): there are fewer of them
+        than tokens, no request asks for every token's logits (prompt
+        logprobs), the model supports it, and the attention is the reference
+        backend's (whose contract makes rows without context zeros). On the
+        ~32M Llama on a CPU, a 512-token prefill step: see BENCHMARKS.md."""
+        return (layout.num_seqs < layout.num_tokens and not layout.prompt_logprobs
+                and self.cfg.backend == "reference"
+                and getattr(model, "supports_row_selection", False))
 
     def _logits(self, model, h, token_rows):
         """The sample rows' logits [S, V]. A step pads its sample rows to S
