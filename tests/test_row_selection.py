@@ -77,3 +77,41 @@ def test_prompt_logprobs_and_fp8_cache(tmp_path, monkeypatch):
         for x, y in zip(plp_on[1:], plp_off[1:]):
             for t in x:
                 assert x[t].logprob == pytest.approx(y[t].logprob, abs=1e-4)
+
+
+def test_more_sample_rows_than_the_few(tmp_path, monkeypatch):
+    """Steps with more sequences than `FEW_LOGIT_ROWS` run the selected layer
+    on the first 32 rows when the sampling ones all lie there, else on all:
+    both give the tokens of the unselected step."""
+    model_dir = str(tmp_path / "m")
+    make_tiny_model(model_dir, arch="llama", num_hidden_layers=2)
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(3, 500, k)]
+               for k in [6] * 36 + [150, 90]]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)] * 38
+    steps = []
+    real = model_runner.ModelRunner.dispatch
+
+    def dispatch(self, out):
+        steps.append((out.num_scheduled_tokens,
+                      sum(1 for sr in out.scheduled if sr.num_samples)))
+        return real(self, out)
+
+    outs = {}
+    for select in (True, False):
+        with monkeypatch.context() as mp:
+            mp.setattr(model_runner.ModelRunner, "dispatch", dispatch)
+            if not select:
+                mp.setattr(model_runner.ModelRunner, "_selects_rows", lambda *a: False)
+            llm = LLM(model_dir, max_num_seqs=40, max_model_len=256, max_num_batched_tokens=128,
+                      block_size=8, compile_all_buckets=False)
+            outs[select] = llm.generate(prompts, params, use_tqdm=False)
+    # More tokens than the 40 sequence rows, with more and with fewer than 32
+    # rows sampling.
+    assert any(t > 40 and n > 32 for t, n in steps), steps
+    assert any(t > 40 and 0 < n <= 32 for t, n in steps), steps
+    for a, b in zip(outs[True], outs[False]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for lx, ly in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for t in lx:
+                assert lx[t].logprob == pytest.approx(ly[t].logprob, abs=1e-4)

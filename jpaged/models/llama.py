@@ -32,7 +32,8 @@ from flax import nnx
 from jpaged import cpu_kernels
 from jpaged.config.model import ModelConfig
 from jpaged.distributed.sharding import AXES_KEY, kv_heads_axis, tp_size
-from jpaged.layers.attention import AttentionMetadata, RowSelection, paged_attention
+from jpaged.layers.attention import (AttentionMetadata, RowSelection, attend_cached,
+                                    paged_attention, write_step_kv)
 from jpaged.layers.linear import dense, embed, is_quantized
 
 KVCache = list  # [(k_cache, v_cache)] per layer, see jpaged.layers.attention
@@ -164,8 +165,8 @@ class Attention(nnx.Module):
         self.scale = d ** -0.5
         self.sliding_window = cfg.sliding_window
 
-    def __call__(self, x, rope, kv_cache, md: AttentionMetadata,
-                 select: RowSelection | None = None):
+    def project(self, x, rope):
+        """q ``[T, H, D]``, k and v ``[T, KVH, D]``, RoPE applied."""
         t = x.shape[0]
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.fused:
@@ -176,12 +177,19 @@ class Attention(nnx.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if select is not None:  # every token's K/V, the selected rows' queries
-            q, md = q[select.rows], select.md
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
+    def __call__(self, x, rope, kv_cache, md: AttentionMetadata):
+        q, k, v = self.project(x, rope)
         out, kv_cache = paged_attention(q, k, v, kv_cache, md, scale=self.scale,
                                         sliding_window=self.sliding_window)
-        return self.o_proj(out.reshape(q.shape[0], -1)), kv_cache
+        return self.o_proj(out.reshape(x.shape[0], -1)), kv_cache
+
+    def attend(self, q, kv_cache, md: AttentionMetadata):
+        """o_proj of ``q``'s attention to the cache as it is (no K/V write)."""
+        out = attend_cached(q, kv_cache, md, scale=self.scale,
+                            sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(q.shape[0], -1))
 
 
 class MLP(nnx.Module):
@@ -218,9 +226,23 @@ class DecoderLayer(nnx.Module):
                                                 cfg.jnp_dtype)
 
     def __call__(self, x, rope, kv_cache, md, select: RowSelection | None = None):
-        h, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, md, select)
-        x = (x if select is None else x[select.rows]) + h
+        if select is not None:
+            return self._selected(x, rope, kv_cache, md, select)
+        h, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, md)
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+    def _selected(self, x, rope, kv_cache, md, select: RowSelection):
+        """Every token's K/V into the cache, then the rest of the layer on the
+        selected rows only ([S, hidden])."""
+        q, k, v = self.self_attn.project(self.input_layernorm(x), rope)
+        kv_cache = write_step_kv(k, v, kv_cache, md)
+
+        def rest(q, x, md):
+            x = x + self.self_attn.attend(q, kv_cache, md)
+            return x + self.mlp(self.post_attention_layernorm(x))
+
+        return select.run(rest, q[select.rows], x[select.rows]), kv_cache
 
 
 class Embedding(nnx.Module):

@@ -233,7 +233,8 @@ class ModelRunner:
         extra = {} if inp.encoder_lens is None else {"encoder_lens": inp.encoder_lens}
         if self._selects_rows(model, layout):
             extra["select"] = select_rows(md, inp.logits_indices, inp.positions,
-                                          inp.sampling.token_rows < self.cfg.max_num_seqs)
+                                          inp.sampling.token_rows < self.cfg.max_num_seqs,
+                                          few=FEW_LOGIT_ROWS)
         hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md, **extra)
         if "select" not in extra:
             hidden_all, hidden = hidden, hidden[inp.logits_indices]
