@@ -428,17 +428,22 @@ float* TransposedBlocks(const float* x, int64_t M, int64_t K, int slot) {
   return xt;
 }
 
-// y = x . w^T from x's transposed blocks, tiles of 16 output columns for up
-// to 16 rows (one vector), else of 8.
+// ParallelColumns in tiles of kOne columns for up to 16 rows (one vector of
+// them: a tile may be wider), else of kMore.
+template <int kOne, int kMore, typename F>
+void ParallelColumnsFor(ffi::ThreadPool& pool, int64_t M, int64_t N, F cols) {
+  if (M <= kLanes)
+    ParallelColumns<kOne>(pool, N, cols);
+  else
+    ParallelColumns<kMore>(pool, N, cols);
+}
+
+// y = x . w^T from x's transposed blocks.
 void ProductOfBlocks(ffi::ThreadPool& pool, const float* xt, const float* w, float* y,
                      int64_t M, int64_t K, int64_t N) {
-  auto cols = [&](auto nr, int64_t n, int64_t end) {
+  ParallelColumnsFor<16, 8>(pool, M, N, [&](auto nr, int64_t n, int64_t end) {
     Columns<decltype(nr)::value>(xt, w, y, M, K, N, n, end);
-  };
-  if (M <= kLanes)
-    ParallelColumns<16>(pool, N, cols);
-  else
-    ParallelColumns<8>(pool, N, cols);
+  });
 }
 
 ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -474,13 +479,9 @@ ffi::Error Mlp(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F
   const float* xt = TransposedBlocks(x.typed_data(), M, K, 0);
   float* ht = TransposedBlocks(nullptr, M, I, 1);
   const float* gu = gate_up.typed_data();
-  auto gate_up_cols = [&](auto cc, int64_t c, int64_t end) {
+  ParallelColumnsFor<8, 4>(pool, M, I, [&](auto cc, int64_t c, int64_t end) {
     GateUpColumns<decltype(cc)::value>(xt, gu, ht, M, K, I, c, end);
-  };
-  if (M <= kLanes)
-    ParallelColumns<8>(pool, I, gate_up_cols);
-  else
-    ParallelColumns<4>(pool, I, gate_up_cols);
+  });
   ProductOfBlocks(pool, ht, down.typed_data(), y->typed_data(), M, I, N);
   return ffi::Error::Success();
 }

@@ -130,8 +130,14 @@ def select_rows(md: AttentionMetadata, rows, positions, wanted, few: int = 0) ->
         md, block_tables=md.block_tables[seq],
         context_lens=jnp.where(wanted, positions[rows] + 1, 0).astype(jnp.int32),
         query_start_loc=jnp.arange(s + 1, dtype=jnp.int32), decode_only=False)
-    needed = jnp.max(jnp.where(wanted, jnp.arange(1, s + 1, dtype=jnp.int32), 0))
-    return RowSelection(rows=rows, md=sel, needed=needed, few=few)
+    return RowSelection(rows=rows, md=sel, needed=rows_needed(wanted), few=few)
+
+
+def rows_needed(wanted) -> jax.Array:
+    """One past the last True of ``wanted`` [S] (0 if none): the rows that
+    matter all lie in the first that many."""
+    s = wanted.shape[0]
+    return jnp.max(jnp.where(wanted, jnp.arange(1, s + 1, dtype=jnp.int32), 0))
 
 
 def write_kv(
@@ -176,15 +182,15 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Write this step's K/V, then attend. Returns ``(out [T, H, D], kv_cache)``."""
-    copies = kv_cache[0].shape[2] // k.shape[1]
-    if copies > 1:  # fewer KV heads than devices: one copy per device
-        k, v = jnp.repeat(k, copies, axis=1), jnp.repeat(v, copies, axis=1)
+    if md.backend == "reference":
+        kv_cache = write_step_kv(k, v, kv_cache, md)
+        return attend_cached(q, kv_cache, md, scale=scale,
+                             sliding_window=sliding_window), kv_cache
+    k, v = _cache_heads(k, v, kv_cache)
     if md.mesh is None or md.mesh.size == 1:
         return _attend(q, k, v, kv_cache, md, scale, sliding_window)
     heads = NamedSharding(md.mesh, heads_spec())
     q, k, v = (jax.lax.with_sharding_constraint(x, heads) for x in (q, k, v))
-    if md.backend == "reference":
-        return _attend(q, k, v, kv_cache, md, scale, sliding_window)
     rep = PartitionSpec()
     cache = (kv_cache_spec(), kv_cache_spec())
     per_shard = jax.shard_map(
@@ -194,13 +200,20 @@ def paged_attention(
     return per_shard(q, k, v, kv_cache, dataclasses.replace(md, mesh=None))
 
 
-def write_step_kv(k, v, kv_cache, md: AttentionMetadata):
-    """`paged_attention`'s first half alone: write this step's K/V (reference
-    backend: under tensor parallelism XLA partitions it by heads)."""
-    assert md.backend == "reference", "the write alone is the reference backend's"
+def _cache_heads(k, v, kv_cache):
+    """k and v with the cache's KV heads: with fewer KV heads than devices
+    the cache holds one copy per device."""
     copies = kv_cache[0].shape[2] // k.shape[1]
     if copies > 1:
         k, v = jnp.repeat(k, copies, axis=1), jnp.repeat(v, copies, axis=1)
+    return k, v
+
+
+def write_step_kv(k, v, kv_cache, md: AttentionMetadata):
+    """The reference backend's first half of `paged_attention`: write this
+    step's K/V (under tensor parallelism XLA partitions it by heads)."""
+    assert md.backend == "reference", "the write alone is the reference backend's"
+    k, v = _cache_heads(k, v, kv_cache)
     if md.mesh is not None and md.mesh.size > 1:
         heads = NamedSharding(md.mesh, heads_spec())
         k, v = (jax.lax.with_sharding_constraint(x, heads) for x in (k, v))
@@ -209,8 +222,8 @@ def write_step_kv(k, v, kv_cache, md: AttentionMetadata):
 
 def attend_cached(q, kv_cache, md: AttentionMetadata, *, scale: float,
                   sliding_window: int | None = None) -> jax.Array:
-    """`paged_attention`'s second half alone: attend ``q`` to the cache as it
-    is (reference backend). Returns ``out [T, H, D]``."""
+    """The reference backend's second half of `paged_attention`: attend ``q``
+    to the cache as it is. Returns ``out [T, H, D]``."""
     assert md.backend == "reference", "attending alone is the reference backend's"
     if md.mesh is not None and md.mesh.size > 1:
         q = jax.lax.with_sharding_constraint(q, NamedSharding(md.mesh, heads_spec()))

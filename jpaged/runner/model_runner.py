@@ -55,7 +55,7 @@ from jpaged.config.model import ModelConfig
 from jpaged.distributed.mesh import make_mesh
 from jpaged.distributed.sharding import (
     kv_cache_heads, kv_cache_spec, logits_spec, param_shardings, replicated)
-from jpaged.layers.attention import AttentionMetadata, select_rows
+from jpaged.layers.attention import AttentionMetadata, rows_needed, select_rows
 from jpaged.layers.kv_quant import FP8, resolve_kv_cache_dtype
 from jpaged.models.bart import hide_encoder_tokens
 from jpaged.runner.buckets import bucket_for, token_buckets
@@ -236,9 +236,9 @@ class ModelRunner:
                                           inp.sampling.token_rows < self.cfg.max_num_seqs,
                                           few=FEW_LOGIT_ROWS)
         hidden, kv_caches = model(input_ids, inp.positions, kv_caches, md, **extra)
-        if "select" not in extra:
-            hidden_all, hidden = hidden, hidden[inp.logits_indices]
-        logits = self._logits(model, hidden, inp.sampling.token_rows)
+        # With a selection the model returns the sample rows' hidden states.
+        rows = hidden if "select" in extra else hidden[inp.logits_indices]
+        logits = self._logits(model, rows, inp.sampling.token_rows)
         # Split by vocabulary under TP (so the lm_head never moves), then
         # gathered once, so sampling sees the whole vocabulary.
         logits = jax.lax.with_sharding_constraint(
@@ -253,7 +253,7 @@ class ModelRunner:
         if layout.prompt_logprobs:  # every token's logits, scored against the prompt
             results += score_prompt(
                 lambda h: jax.lax.with_sharding_constraint(model.compute_logits(h), self._rep),
-                hidden_all, inp.plp_targets, max(1, self.cfg.max_logprobs))
+                hidden, inp.plp_targets, max(1, self.cfg.max_logprobs))
         return kv_caches, block_table, token_table, last_tokens, results
 
     def _selects_rows(self, model, layout: StepLayout) -> bool:
@@ -277,8 +277,7 @@ class ModelRunner:
         s = h.shape[0]
         if self.mesh.size > 1 or s <= FEW_LOGIT_ROWS:
             return model.compute_logits(h)
-        needed = jnp.max(jnp.where(token_rows < self.cfg.max_num_seqs,
-                                   jnp.arange(1, s + 1, dtype=jnp.int32), 0))
+        needed = rows_needed(token_rows < self.cfg.max_num_seqs)
 
         def few(h):
             out = model.compute_logits(h[:FEW_LOGIT_ROWS])
